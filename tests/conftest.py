@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def golden_root() -> Path | None:
+    """The reference fixtures: $GLM4VOICE_GOLDEN, else ../shared/golden beside the checkout."""
+    env = os.environ.get("GLM4VOICE_GOLDEN")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO_ROOT.parent / "shared" / "golden")
+    for path in candidates:
+        if path.is_dir():
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    root = golden_root()
+    if root is None:
+        pytest.skip(
+            "reference fixtures not found: set GLM4VOICE_GOLDEN or place them at ../shared/golden"
+        )
+    return root
