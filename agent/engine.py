@@ -88,6 +88,10 @@ class AudioChunk:
 ReplyEvent = UserTranscript | TextDelta | AudioChunk
 
 
+class EngineError(RuntimeError):
+    """A reply failed inside the engine; the message is safe to show to the user."""
+
+
 @dataclass
 class StageTimings:
     """Seconds spent in each stage of a reply (filled by engines that know them)."""
@@ -150,6 +154,7 @@ __all__ = [
     "USER_SAMPLE_RATE",
     "AudioChunk",
     "Engine",
+    "EngineError",
     "HistoryItem",
     "Reply",
     "ReplyEvent",

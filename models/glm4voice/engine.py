@@ -1,0 +1,229 @@
+"""`GLM4VoiceEngine`: the agent's engine interface over the GLM-4-Voice models.
+
+The history kept per exchange is exactly what the reference demo keeps: the user item holds the
+whole prompt string of its turn, the assistant item the decoded completion (audio ids written
+as `<|audio_N|>`), so the next prompt is byte-identical to the reference's. An answer that was
+interrupted is kept only up to the last audio token that was played, with the text the model
+had written before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from agent.engine import (
+    AudioChunk,
+    Engine,
+    EngineError,
+    HistoryItem,
+    Reply,
+    ReplyEvent,
+    StageTimings,
+    TextDelta,
+    UserTurn,
+    played_fraction,
+)
+from models.glm4voice.paths import ModelPaths
+from models.glm4voice.worker import DecodeSchedule, Job, ModelWorker, SpeechBrain
+
+if TYPE_CHECKING:
+    from models.glm4voice.brain import LoadOptions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Streaming policy of the engine (model placement lives in `brain.LoadOptions`)."""
+
+    max_new_tokens: int = 2000
+    first_block_tokens: int = 10  # first audio after 10 speech tokens (0.8 s of speech)
+    later_block_tokens: int = 20
+    max_ahead_s: float = 8.0  # stop generating a reply this far ahead of its playback
+    max_jobs: int = 64
+    schedule: DecodeSchedule = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.first_block_tokens < 1 or self.later_block_tokens < 1:
+            raise ValueError("decoder block sizes must be >= 1 token")
+        object.__setattr__(
+            self, "schedule", DecodeSchedule(self.first_block_tokens, self.later_block_tokens)
+        )
+
+
+def history_prefix(history: Sequence[HistoryItem]) -> str:
+    """The reference's `previous_prompt + previous_completion` from our history items.
+
+    Only items this engine wrote (string payloads) can be replayed exactly; the last user item
+    holds the whole prompt up to its turn, so the prefix is that plus every assistant payload
+    after it.
+    """
+    last_user = None
+    for index in range(len(history) - 1, -1, -1):
+        item = history[index]
+        if item.role == "user" and isinstance(item.payload, str):
+            last_user = index
+            break
+    if last_user is None:
+        return ""
+    parts = [history[last_user].payload]
+    parts += [
+        item.payload
+        for item in history[last_user + 1 :]
+        if item.role == "assistant" and isinstance(item.payload, str)
+    ]
+    return "".join(parts)
+
+
+class GLM4VoiceReply(Reply):
+    def __init__(self, engine: GLM4VoiceEngine, turn: UserTurn, history: Sequence[HistoryItem]):
+        self._engine = engine
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[ReplyEvent | BaseException | None] = asyncio.Queue()
+        self._text: list[str] = []
+        self._audio_s = 0.0
+        options = engine.options
+        self._job = Job(
+            turn_audio=turn.audio,
+            turn_text=turn.text,
+            history_prefix=history_prefix(history),
+            emit=self._emit_threadsafe,
+            max_new_tokens=options.max_new_tokens,
+            max_ahead_s=options.max_ahead_s,
+            schedule=options.schedule,
+        )
+        self.timings: StageTimings = self._job.timings
+        self._turn = turn
+        self._finished = asyncio.Event()
+        try:
+            engine.worker.submit(self._job)
+        except queue.Full:
+            raise EngineError("the voice model is busy with too many conversations") from None
+
+    def _emit_threadsafe(self, event: ReplyEvent | BaseException | None) -> None:
+        self._loop.call_soon_threadsafe(self._deliver, event)
+
+    def _deliver(self, event: ReplyEvent | BaseException | None) -> None:
+        if event is None:
+            self._finished.set()
+        self._events.put_nowait(event)
+
+    async def _iterate(self) -> AsyncIterator[ReplyEvent]:
+        while True:
+            event = await self._events.get()
+            if event is None:
+                return
+            if isinstance(event, BaseException):
+                raise EngineError(f"the voice model failed: {event}") from event
+            if isinstance(event, TextDelta):
+                self._text.append(event.text)
+            elif isinstance(event, AudioChunk):
+                # The consumer takes chunks at playback pace: let the worker know how far the
+                # listener has got, so it never runs more than max_ahead_s ahead.
+                self._audio_s += event.duration_s
+                self._job.consumed_s = max(0.0, self._audio_s - event.duration_s)
+                self._engine.worker.wake()
+            yield event
+
+    def __aiter__(self) -> AsyncIterator[ReplyEvent]:
+        return self._iterate()
+
+    async def cancel(self) -> None:
+        self._job.cancelled.set()
+        self._engine.worker.wake()
+        await self._finished.wait()
+
+    def history(self, played_s: float | None) -> list[HistoryItem]:
+        job = self._job
+        if not job.prompt:  # never started (cancelled while queued)
+            return []
+        user_text = self._turn.text if self._turn.text is not None else ""
+        user = HistoryItem("user", user_text, payload=job.prompt)
+        generated = job.generated
+        if generated and self._engine.is_stop(generated[-1]):
+            generated = generated[:-1]
+        total_s = job.audio_samples_emitted / self._engine.sample_rate
+        fraction = played_fraction(played_s, total_s)
+        interrupted = not job.done or fraction < 1.0
+        if interrupted:
+            generated = self._cut(generated, fraction)
+        completion = self._engine.decode(generated)
+        text = self._engine.decode([t for t in generated if not self._engine.is_audio(t)])
+        return [user, HistoryItem("assistant", text, interrupted=interrupted, payload=completion)]
+
+    def _cut(self, generated: list[int], fraction: float) -> list[int]:
+        """Ids up to the last audio token heard (text before it included)."""
+        heard = int(fraction * self._job.audio_tokens_decoded + 1e-9)
+        if heard <= 0:
+            return []  # nothing reached the listener
+        seen = 0
+        for index, token in enumerate(generated):
+            if self._engine.is_audio(token):
+                seen += 1
+                if seen == heard:
+                    return generated[: index + 1]
+        return generated
+
+
+class GLM4VoiceEngine(Engine):
+    """GLM-4-Voice behind the engine interface; all sessions share one model worker."""
+
+    name = "glm4voice"
+
+    def __init__(
+        self, brain_factory: Callable[[], SpeechBrain], options: EngineOptions | None = None
+    ) -> None:
+        """`brain_factory()` loads the models (called on a thread by `start`)."""
+        self._brain_factory = brain_factory
+        self.options = options or EngineOptions()
+        self.brain: SpeechBrain | None = None
+        self.worker: ModelWorker | None = None
+
+    async def start(self) -> None:
+        if self.worker is not None:
+            return
+        self.brain = await asyncio.to_thread(self._brain_factory)
+        self.worker = ModelWorker(self.brain, max_jobs=self.options.max_jobs)
+        self.worker.start()
+
+    async def close(self) -> None:
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.stop)
+            self.worker = None
+
+    @property
+    def sample_rate(self) -> int:
+        return self._require_brain().sample_rate
+
+    def is_stop(self, token_id: int) -> bool:
+        return self._require_brain().is_stop(token_id)
+
+    def is_audio(self, token_id: int) -> bool:
+        return self._require_brain().is_audio(token_id)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._require_brain().decode_text(token_ids)
+
+    def _require_brain(self) -> SpeechBrain:
+        if self.brain is None or self.worker is None:
+            raise EngineError("the GLM-4-Voice engine has not been started")
+        return self.brain
+
+    def respond(self, turn: UserTurn, history: Sequence[HistoryItem]) -> Reply:
+        self._require_brain()
+        return GLM4VoiceReply(self, turn, history)
+
+
+def load_engine(
+    paths: ModelPaths, load_options: LoadOptions | None = None, options: EngineOptions | None = None
+) -> GLM4VoiceEngine:
+    """An engine that loads the real models from `paths` when started."""
+    from models.glm4voice.brain import GLM4VoiceBrain, LoadOptions
+
+    chosen = load_options or LoadOptions()
+    return GLM4VoiceEngine(lambda: GLM4VoiceBrain.load(paths, chosen), options)
