@@ -1,0 +1,351 @@
+"""Turn-taking: who holds the floor, the reply in flight, and what the conversation remembers.
+
+States: `listening` (waiting for the user), `thinking` (a reply was requested, no audio yet) and
+`speaking` (answer audio is being sent). The manager
+
+- answers each finished user turn (speech or typed text) with `engine.respond`,
+- streams the reply: transcripts to the client, audio to the output track,
+- on barge-in (the user talks over the answer for `barge_in_ms` of voiced speech) or an
+  `interrupt` message: cancels the reply, drops queued audio, tells the client to `flush`, and
+  keeps in the history only the part of the answer that was sent,
+- if the user starts talking again while the agent is still thinking, drops that reply and later
+  answers the earlier and the new speech together as one turn, so nothing said is lost.
+
+Every public handler runs under one lock, so handlers never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from agent import metrics
+from agent.engine import (
+    AudioChunk,
+    Engine,
+    EngineError,
+    HistoryItem,
+    Reply,
+    TextDelta,
+    UserTranscript,
+    UserTurn,
+)
+from agent.protocol import encode
+from agent.tasks import cancel_and_wait
+from audio_dsp import SpeechEnded, SpeechStarted, StreamResampler
+
+MAX_RECORDS = 1000
+
+State = Literal["listening", "thinking", "speaking"]
+SendMessage = Callable[[str], None]
+
+
+class AudioOutput(Protocol):
+    """Where answer audio goes (the outbound track, or a fake in tests)."""
+
+    sample_rate: int
+    played_samples: int
+
+    async def write(self, samples: np.ndarray) -> None: ...
+    async def drain(self) -> None: ...
+    def flush(self) -> None: ...
+    def next_audio_sent(self) -> asyncio.Future[float]: ...
+
+
+@dataclass(frozen=True)
+class TurnConfig:
+    """Turn-taking policy."""
+
+    # Voiced speech over the agent's answer that counts as a barge-in; shorter is a backchannel.
+    barge_in_ms: float = 350.0
+    # Oldest entries are dropped beyond this many history items.
+    max_history_items: int = 64
+    # How long a cancelled reply may take to stop before we stop waiting for it.
+    cancel_timeout_s: float = 5.0
+
+
+@dataclass
+class TurnRecord:
+    """Timing of one answered turn (clock seconds, `time.monotonic` by default)."""
+
+    kind: Literal["audio", "text"]
+    user_stop: float  # when the user stopped speaking (or sent the text)
+    requested: float  # when the engine was asked
+    first_audio_sent: float | None = None
+    interrupted: bool = False
+    stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def first_audio_latency(self) -> float | None:
+        """User stop -> first answer audio frame sent, in seconds."""
+        if self.first_audio_sent is None:
+            return None
+        return self.first_audio_sent - self.user_stop
+
+
+@dataclass
+class _ActiveReply:
+    turn: UserTurn
+    reply: Reply
+    record: TurnRecord
+    task: asyncio.Task[None] | None = None
+    text: str = ""
+    audio_start: int | None = None  # output.played_samples when its first audio was queued
+    resampler: StreamResampler | None = None
+    first_sent: asyncio.Future[float] | None = None  # when its first audio frame left
+
+    def close_record(self, interrupted: bool) -> None:
+        """Copy the engine's stage timings into the record and stop waiting for audio."""
+        self.record.interrupted = interrupted
+        timings = getattr(self.reply, "timings", None)
+        self.record.stages = dict(timings.stages) if timings is not None else {}
+        if self.first_sent is not None and not self.first_sent.done():
+            self.first_sent.cancel()
+
+
+class TurnManager:
+    """The conversation's state machine. Create it, call `start()`, feed it events."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        output: AudioOutput,
+        send: SendMessage,
+        config: TurnConfig | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.output = output
+        self.config = config or TurnConfig()
+        self._send = send
+        self._log = logger or logging.getLogger(__name__)
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._state: State = "listening"
+        self._history: list[HistoryItem] = []
+        self._active: _ActiveReply | None = None
+        self._held_audio: np.ndarray | None = None  # speech whose reply was dropped mid-thought
+        self._barged = False
+        self._closed = False
+        # Recent turns and state changes, newest last (for logs, metrics and benchmarks).
+        self.records: deque[TurnRecord] = deque(maxlen=MAX_RECORDS)
+        self.state_log: deque[tuple[float, State]] = deque(maxlen=MAX_RECORDS)
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def history(self) -> list[HistoryItem]:
+        """A copy of what the conversation remembers, oldest first."""
+        return list(self._history)
+
+    def start(self) -> None:
+        """Announce the initial state."""
+        self._set_state("listening", force=True)
+
+    async def on_speech_started(self, event: SpeechStarted) -> None:
+        """The user started talking: a thinking reply to earlier speech is set aside."""
+        async with self._lock:
+            self._barged = False
+            active = self._active
+            if self._state == "thinking" and active and active.turn.audio is not None:
+                self._log.info("user resumed while thinking: merging with the next speech")
+                self._held_audio = active.turn.audio
+                await self._stop_active(keep_history=False, reason="resumed")
+
+    async def on_speech_progress(self, voiced_ms: float) -> None:
+        """Called for every frame during speech; interrupts the answer on a real barge-in."""
+        if self._state != "speaking" or self._barged or voiced_ms < self.config.barge_in_ms:
+            return
+        async with self._lock:
+            if self._state != "speaking" or self._barged:
+                return
+            self._barged = True
+            self._log.info("barge-in after %.0f ms of voiced speech", voiced_ms)
+            await self._stop_active(keep_history=True, reason="barge-in")
+
+    async def on_speech_ended(self, event: SpeechEnded, user_stop: float) -> None:
+        """A user turn ended at clock time `user_stop`: answer it (unless it was a backchannel)."""
+        async with self._lock:
+            if self._state == "speaking":
+                self._log.info("ignoring %.2f s of speech over the answer", event.duration_s)
+                return
+            audio = event.audio
+            if self._held_audio is not None:
+                audio = np.concatenate([self._held_audio, audio])
+                self._held_audio = None
+            await self._stop_active(keep_history=True, reason="new-turn")
+            self._begin(UserTurn(audio=audio.astype(np.float32, copy=False)), "audio", user_stop)
+
+    async def on_user_text(self, text: str) -> None:
+        """A typed turn: it replaces whatever answer is in flight."""
+        async with self._lock:
+            self._held_audio = None
+            await self._stop_active(keep_history=True, reason="new-turn")
+            self._begin(UserTurn(text=text), "text", self._clock())
+
+    async def interrupt(self) -> None:
+        """The client asked the agent to stop talking."""
+        async with self._lock:
+            await self._stop_active(keep_history=True, reason="client")
+
+    async def close(self) -> None:
+        """Stop any reply; the manager accepts nothing afterwards."""
+        async with self._lock:
+            self._closed = True
+            await self._stop_active(keep_history=False, reason="closed")
+
+    # -- reply lifecycle ---------------------------------------------------------------------
+
+    def _begin(self, turn: UserTurn, kind: Literal["audio", "text"], user_stop: float) -> None:
+        if self._closed:
+            return
+        record = TurnRecord(kind=kind, user_stop=user_stop, requested=self._clock())
+        try:
+            reply = self.engine.respond(turn, list(self._history))
+        except Exception as exc:
+            self._log.exception("the engine refused the turn")
+            metrics.ENGINE_ERRORS_TOTAL.inc()
+            self._send(encode("error", message=_error_text(exc)))
+            return
+        active = _ActiveReply(turn=turn, reply=reply, record=record)
+        self._active = active
+        self.records.append(record)
+        metrics.TURNS_TOTAL.labels(kind=kind).inc()
+        self._set_state("thinking")
+        active.task = asyncio.create_task(self._run(active), name="reply")
+
+    async def _run(self, active: _ActiveReply) -> None:
+        try:
+            await self._stream(active)
+            await self._finish_audio(active)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._log.exception("reply failed")
+            metrics.ENGINE_ERRORS_TOTAL.inc()
+            self._send(encode("error", message=_error_text(exc)))
+            self._finish(active, played_s=self._played_s(active), failed=True)
+            return
+        self._finish(active, played_s=None, failed=False)
+
+    async def _stream(self, active: _ActiveReply) -> None:
+        async for event in active.reply:
+            if isinstance(event, UserTranscript):
+                self._send(encode("transcript", role="user", text=event.text, final=True))
+            elif isinstance(event, TextDelta):
+                active.text += event.text
+                self._send(encode("transcript", role="assistant", text=active.text, final=False))
+            elif isinstance(event, AudioChunk):
+                await self._play(active, event)
+        self._send(encode("transcript", role="assistant", text=active.text, final=True))
+
+    async def _play(self, active: _ActiveReply, chunk: AudioChunk) -> None:
+        if active.resampler is None or active.resampler.in_rate != chunk.sample_rate:
+            tail = active.resampler.flush() if active.resampler else np.zeros(0, np.float32)
+            await self.output.write(tail)
+            active.resampler = StreamResampler(chunk.sample_rate, self.output.sample_rate)
+        if active.audio_start is None:
+            active.audio_start = self.output.played_samples
+            active.first_sent = self.output.next_audio_sent()
+            active.first_sent.add_done_callback(lambda f: self._on_first_audio(active, f))
+            self._set_state("speaking")
+        await self.output.write(active.resampler.process(chunk.samples))
+
+    async def _finish_audio(self, active: _ActiveReply) -> None:
+        if active.resampler is not None:
+            await self.output.write(active.resampler.flush())
+            await self.output.drain()
+
+    def _finish(self, active: _ActiveReply, played_s: float | None, failed: bool) -> None:
+        if self._active is not active:
+            return
+        self._active = None
+        active.close_record(interrupted=False)
+        self._remember(active.reply.history(played_s))
+        if failed and active.audio_start is not None:
+            self._flush_output()
+        self._set_state("listening")
+
+    async def _stop_active(self, keep_history: bool, reason: str) -> None:
+        """Cancel the reply in flight (if any), silence its audio, and record what was heard."""
+        active = self._active
+        if active is None:
+            return
+        self._active = None
+        await self._cancel_task(active)
+        if active.audio_start is not None:
+            self._flush_output()
+        played_s = self._played_s(active)
+        await self._cancel_reply(active)
+        active.close_record(interrupted=True)
+        metrics.INTERRUPTIONS_TOTAL.labels(reason=reason).inc()
+        self._log.info("reply stopped (%s) after %.2f s of audio", reason, played_s)
+        if keep_history:
+            kept = active.reply.history(played_s)
+            self._remember(kept)
+            heard = next((i.text for i in kept if i.role == "assistant"), "")
+            self._send(encode("transcript", role="assistant", text=heard, final=True))
+        self._set_state("listening")
+
+    async def _cancel_task(self, active: _ActiveReply) -> None:
+        if active.task is not None:
+            await cancel_and_wait(active.task, self._log)
+
+    async def _cancel_reply(self, active: _ActiveReply) -> None:
+        try:
+            await asyncio.wait_for(active.reply.cancel(), self.config.cancel_timeout_s)
+        except TimeoutError:
+            self._log.warning("engine took over %.1f s to cancel", self.config.cancel_timeout_s)
+        except Exception:
+            self._log.exception("engine failed to cancel a reply")
+
+    def _flush_output(self) -> None:
+        self.output.flush()
+        self._send(encode("flush"))
+
+    def _played_s(self, active: _ActiveReply) -> float:
+        if active.audio_start is None:
+            return 0.0
+        return (self.output.played_samples - active.audio_start) / self.output.sample_rate
+
+    def _on_first_audio(self, active: _ActiveReply, sent: asyncio.Future[float]) -> None:
+        if sent.cancelled() or active.record.first_audio_sent is not None:
+            return
+        active.record.first_audio_sent = sent.result()
+        latency = active.record.first_audio_latency
+        assert latency is not None
+        metrics.FIRST_AUDIO_SECONDS.observe(max(latency, 0.0))
+        self._log.info("first audio %.0f ms after the user stopped", latency * 1000)
+
+    def _remember(self, items: list[HistoryItem]) -> None:
+        self._history.extend(items)
+        excess = len(self._history) - self.config.max_history_items
+        if excess > 0:
+            del self._history[:excess]
+
+    def _set_state(self, state: State, force: bool = False) -> None:
+        if state == self._state and not force:
+            return
+        self._state = state
+        self.state_log.append((self._clock(), state))
+        self._send(encode("state", state=state))
+
+
+def _error_text(exc: Exception) -> str:
+    """What the client is told: an EngineError's own words, otherwise nothing internal."""
+    if isinstance(exc, EngineError) and str(exc):
+        return str(exc)
+    return "the agent could not answer that turn"
+
+
+__all__ = ["AudioOutput", "State", "TurnConfig", "TurnManager", "TurnRecord"]

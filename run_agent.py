@@ -1,0 +1,208 @@
+"""Run the voice agent server: pick and warm an engine, then serve the page and WebRTC calls.
+
+    python run_agent.py                       # http://127.0.0.1:8080, engine chosen automatically
+    python run_agent.py --engine offline --host 0.0.0.0 --cert-file c.pem --key-file k.pem
+
+Browsers allow the microphone only on localhost or over HTTPS: serve with a certificate when
+callers connect from another machine, and give them a TURN server when they sit behind NAT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from agent.engine import Engine
+from agent.session import EchoCanceller
+from signaling import ServerConfig, create_app, ice_servers_from_urls
+
+log = logging.getLogger("run_agent")
+
+DEFAULT_MODEL_DIR = Path("checkpoints")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--engine",
+        choices=("auto", "offline", "glm4voice"),
+        default="auto",
+        help="auto: GLM-4-Voice with a CUDA GPU and its weights, else offline",
+    )
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="GLM-4-Voice weights")
+    p.add_argument("--device", help="GLM-4-Voice device, e.g. cuda:0 (default: cuda if present)")
+    p.add_argument(
+        "--quantization",
+        choices=("int4",),
+        help="load the GLM-4-Voice LM in 4 bits (bitsandbytes) to fit smaller GPUs",
+    )
+    p.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="STUN/TURN URL (repeatable), e.g. turn:turn.example.org:3478",
+    )
+    p.add_argument("--ice-username", help="username for the TURN servers")
+    p.add_argument("--ice-credential", help="credential for the TURN servers")
+    p.add_argument("--cert-file", type=Path, help="TLS certificate (PEM) to serve HTTPS")
+    p.add_argument("--key-file", type=Path, help="TLS private key (PEM)")
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let pages on ORIGIN (e.g. https://example.org, or *) call the server (repeatable)",
+    )
+    p.add_argument(
+        "--echo-canceller",
+        choices=("none", "auto", "aec3", "speex"),
+        default="none",
+        help="server-side echo cancellation per session (browsers cancel echo themselves)",
+    )
+    p.add_argument("--max-sessions", type=int, default=ServerConfig.max_sessions)
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    args = p.parse_args(argv)
+    if (args.cert_file is None) != (args.key_file is None):
+        p.error("--cert-file and --key-file go together")
+    return args
+
+
+def glm4voice_weights_missing(model_dir: Path) -> list[str]:
+    """What keeps the GLM-4-Voice engine from loading `model_dir` (empty when nothing does)."""
+    try:
+        from models.glm4voice.paths import ModelFilesError, ModelPaths
+    except ImportError as exc:
+        return [f"the GLM-4-Voice engine cannot be imported ({exc})"]
+    try:
+        return ModelPaths.from_model_dir(model_dir).missing_files()
+    except ModelFilesError as exc:
+        return [str(exc)]
+
+
+def choose_engine(requested: str, model_dir: Path) -> tuple[str, str]:
+    """(engine name, the reason for it) for `--engine requested`."""
+    if requested != "auto":
+        return requested, "requested with --engine"
+    try:
+        import torch
+    except ImportError:
+        return "offline", "torch is not installed"
+    if not torch.cuda.is_available():
+        return "offline", "no CUDA GPU is available"
+    missing = glm4voice_weights_missing(model_dir)
+    if missing:
+        return "offline", f"GLM-4-Voice cannot load from {model_dir}: {missing[0]}"
+    return "glm4voice", f"a CUDA GPU and the weights in {model_dir} were found"
+
+
+def make_engine(
+    name: str, model_dir: Path, device: str | None = None, quantization: str | None = None
+) -> Engine:
+    """Instantiate the engine `name` (its models load later, in `start()`).
+
+    `device` and `quantization` place GLM-4-Voice (default: CUDA when available, bf16).
+    """
+    if name == "offline":
+        try:
+            from models.offline import OfflineEngine
+        except ImportError as exc:
+            raise SystemExit(f"the offline engine is not available: {exc}") from exc
+        return OfflineEngine()
+    try:
+        import torch
+
+        from models.glm4voice import ModelPaths, load_engine
+        from models.glm4voice.brain import LoadOptions
+    except ImportError as exc:
+        raise SystemExit(f"the GLM-4-Voice engine is not available in this install: {exc}") from exc
+    missing = glm4voice_weights_missing(model_dir)
+    if missing:
+        raise SystemExit(f"GLM-4-Voice weights are incomplete in {model_dir}: {missing[:3]}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    log.info("GLM-4-Voice on %s (%s)", device, quantization or "bf16")
+    options = LoadOptions(device=device, quantization=quantization)
+    return load_engine(ModelPaths.from_model_dir(model_dir), options)
+
+
+def echo_canceller_factory(name: str) -> Callable[[], EchoCanceller] | None:
+    """A per-session canceller builder for `--echo-canceller name` (None for "none")."""
+    if name == "none":
+        return None
+    from audio_dsp.aec import AlignedEchoCanceller, EchoCancellerUnavailable, create_canceller
+
+    try:
+        create_canceller(name).close()  # fail now, not on the first call
+    except EchoCancellerUnavailable as exc:
+        raise SystemExit(f"echo canceller {name!r} is not available: {exc}") from exc
+    log.info("server-side echo cancellation: %s", name)
+    return lambda: AlignedEchoCanceller(create_canceller(name))
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    ice = ice_servers_from_urls(args.ice_server, args.ice_username, args.ice_credential)
+    return ServerConfig(
+        ice_servers=ice,
+        max_sessions=args.max_sessions,
+        allowed_origins=tuple(args.allow_origin),
+        echo_canceller_factory=echo_canceller_factory(args.echo_canceller),
+    )
+
+
+def ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.cert_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.cert_file, args.key_file)
+    return context
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Start the engine and the server; return after SIGINT/SIGTERM and a clean shutdown."""
+    name, reason = choose_engine(args.engine, args.model_dir)
+    log.info("engine: %s (%s)", name, reason)
+    engine = make_engine(name, args.model_dir, args.device, args.quantization)
+    await engine.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(create_app(engine, server_config(args)), access_log=None)
+    try:
+        await runner.setup()
+        tls = ssl_context(args)
+        await web.TCPSite(runner, args.host, args.port, ssl_context=tls).start()
+        scheme = "https" if tls else "http"
+        log.info("serving on %s://%s:%d", scheme, args.host, args.port)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+        await engine.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,500 @@
+"""Sessions, turn-taking and the outbound track, with a scripted engine and fake media."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from av import AudioFrame
+from scipy.signal import correlate
+
+from agent.engine import EngineError
+from agent.session import Session, SessionConfig
+from agent.tasks import cancel_and_wait
+from agent.tracks import FRAME_SAMPLES, OUTPUT_SAMPLE_RATE, AgentAudioTrack
+from agent.turns import TurnConfig, TurnManager
+from audio_dsp import EndpointerConfig, SpeechEnded, SpeechStarted, StreamResampler
+from tests.fakes import (
+    FakeChannel,
+    FakeEngine,
+    MicTrack,
+    OutputPump,
+    Script,
+    espeak_16k,
+    tone,
+    wait_until,
+)
+
+# --- the outbound track -----------------------------------------------------------------------
+
+
+async def test_track_paces_frames_by_the_wall_clock() -> None:
+    track = AgentAudioTrack()
+    start = time.monotonic()
+    frames = [await track.recv() for _ in range(11)]
+    elapsed = time.monotonic() - start
+    assert 0.19 <= elapsed <= 0.27  # ten 20 ms periods after the first frame
+    assert [f.pts for f in frames] == [i * FRAME_SAMPLES for i in range(11)]
+    assert {f.sample_rate for f in frames} == {OUTPUT_SAMPLE_RATE}
+    assert {f.samples for f in frames} == {FRAME_SAMPLES}
+    track.stop()
+
+
+async def test_write_returns_only_when_the_track_has_room() -> None:
+    track = AgentAudioTrack(max_queued_frames=3)
+    writer = asyncio.create_task(track.write(tone(0.2, OUTPUT_SAMPLE_RATE)))
+    await asyncio.sleep(0.05)
+    assert not writer.done()
+    assert track.queued_frames == 3
+    for _ in range(7):
+        await track.recv()
+    await asyncio.wait_for(writer, 1.0)
+    assert track.played_samples == 7 * FRAME_SAMPLES
+    track.stop()
+
+
+async def test_flush_drops_queued_audio_and_releases_the_writer() -> None:
+    track = AgentAudioTrack(max_queued_frames=3)
+    writer = asyncio.create_task(track.write(tone(1.0, OUTPUT_SAMPLE_RATE)))
+    await asyncio.sleep(0.01)
+    await track.recv()
+    track.flush()
+    await asyncio.wait_for(writer, 0.5)
+    frames = [await track.recv() for _ in range(3)]
+    assert all(not f.to_ndarray().any() for f in frames)
+    assert track.played_samples == FRAME_SAMPLES
+    track.stop()
+
+
+async def test_drain_sends_the_padded_remainder_and_waits_until_sent() -> None:
+    track = AgentAudioTrack()
+    pump = OutputPump(track).start()
+    await track.write(tone(0.05, OUTPUT_SAMPLE_RATE))  # 2.5 frames
+    await asyncio.wait_for(track.drain(), 1.0)
+    assert track.played_samples == 3 * FRAME_SAMPLES
+    assert track.queued_frames == 0
+    await pump.stop()
+    track.stop()
+
+
+async def test_frame_listeners_see_every_frame_sent_with_its_kind() -> None:
+    track = AgentAudioTrack()
+    seen: list[bool] = []
+    track.add_frame_listener(lambda frame, is_audio: seen.append(is_audio))
+    await track.recv()
+    await track.write(tone(0.04, OUTPUT_SAMPLE_RATE))
+    await track.recv()
+    await track.recv()
+    await track.recv()
+    assert seen == [False, True, True, False]
+    track.stop()
+
+
+async def test_stopping_the_track_releases_a_blocked_writer() -> None:
+    track = AgentAudioTrack(max_queued_frames=1)
+    writer = asyncio.create_task(track.write(tone(0.5, OUTPUT_SAMPLE_RATE)))
+    await asyncio.sleep(0.01)
+    track.stop()
+    await asyncio.wait_for(writer, 0.5)
+
+
+# --- the turn manager -------------------------------------------------------------------------
+
+
+class Harness:
+    """A TurnManager wired to a real track (pulled in real time) and a message log."""
+
+    def __init__(self, script: Script | None = None, config: TurnConfig | None = None) -> None:
+        self.engine = FakeEngine(script)
+        self.track = AgentAudioTrack()
+        self.messages: list[dict] = []
+        self.turns = TurnManager(
+            self.engine, self.track, lambda m: self.messages.append(json.loads(m)), config
+        )
+        self.pump = OutputPump(self.track).start()
+        self.turns.start()
+
+    def states(self) -> list[str]:
+        return [m["state"] for m in self.messages if m["type"] == "state"]
+
+    def of_type(self, type_: str) -> list[dict]:
+        return [m for m in self.messages if m["type"] == type_]
+
+    async def wait_state(self, state: str, within: float = 3.0) -> None:
+        deadline = time.monotonic() + within
+        while self.turns.state != state:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"state {self.turns.state}, expected {state}")
+            await asyncio.sleep(0.005)
+
+    async def close(self) -> None:
+        await self.turns.close()
+        await self.pump.stop()
+        self.track.stop()
+
+
+def speech_end(seconds: float = 0.5, fill: float = 0.1) -> SpeechEnded:
+    audio = np.full(int(seconds * 16_000), fill, np.float32)
+    return SpeechEnded(0.0, seconds, seconds + 0.7, audio, "silence")
+
+
+async def test_a_speech_turn_goes_listening_thinking_speaking_listening() -> None:
+    h = Harness()
+    await h.turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
+    await h.wait_state("speaking")
+    await h.wait_state("listening")
+    assert h.states() == ["listening", "thinking", "speaking", "listening"]
+    ((turn, history),) = h.engine.calls
+    assert turn.audio is not None and len(turn.audio) == 8000 and history == []
+    assert [i.role for i in h.turns.history] == ["user", "assistant"]
+    assert not h.turns.history[1].interrupted
+    assert h.pump.audio_frames() >= 0.6 / 0.02 - 1
+    await h.close()
+
+
+async def test_transcripts_stream_partials_then_the_full_text() -> None:
+    h = Harness(Script(text="one two three"))
+    await h.turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
+    await h.wait_state("speaking")
+    await h.wait_state("listening")
+    transcripts = [(m["role"], m["text"], m["final"]) for m in h.of_type("transcript")]
+    assert transcripts == [
+        ("user", "hello agent", True),
+        ("assistant", "one", False),
+        ("assistant", "one two", False),
+        ("assistant", "one two three", False),
+        ("assistant", "one two three", True),
+    ]
+    await h.close()
+
+
+async def test_first_audio_latency_is_measured_from_the_user_stop() -> None:
+    h = Harness(Script(first_delay_s=0.2))
+    stop = time.monotonic() - 0.7  # the user stopped one hangover ago
+    await h.turns.on_speech_ended(speech_end(), user_stop=stop)
+    await h.wait_state("listening")
+    latency = h.turns.records[0].first_audio_latency
+    assert latency is not None and 0.9 <= latency <= 1.3  # 0.7 s ago + 0.2 s of thinking
+    await h.close()
+
+
+async def test_interrupt_cancels_flushes_and_cuts_history_to_what_was_played() -> None:
+    h = Harness(Script(audio_s=3.0, text="a b c d e f g h i j"))
+    await h.turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
+    await h.wait_state("speaking")
+    await asyncio.sleep(0.6)
+    await h.turns.interrupt()
+    reply = h.engine.replies[0]
+    assert reply.cancelled
+    assert h.turns.state == "listening"
+    assert h.of_type("flush")
+    played = reply.played_s[-1]
+    assert played is not None and 0.55 <= played <= 1.0
+    words = h.engine.script.text.split()
+    heard = " ".join(words[: round(len(words) * played / 3.0)])
+    assistant = h.turns.history[1]
+    assert assistant.interrupted and assistant.text == heard
+    assert h.of_type("transcript")[-1] == {
+        "type": "transcript",
+        "role": "assistant",
+        "text": heard,
+        "final": True,
+    }
+    frames_at_cut = len(h.pump.frames)
+    await asyncio.sleep(0.1)
+    assert not any(np.abs(f).max() for f in h.pump.frames[frames_at_cut:])
+    await h.close()
+
+
+async def test_barge_in_needs_enough_voiced_speech_over_the_answer() -> None:
+    h = Harness(Script(audio_s=2.0), TurnConfig(barge_in_ms=350))
+    await h.turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
+    await h.wait_state("speaking")
+    await h.turns.on_speech_started(SpeechStarted(1.0, 1.1))
+    await h.turns.on_speech_progress(200)
+    assert h.turns.state == "speaking"
+    await h.turns.on_speech_progress(360)
+    assert h.turns.state == "listening"
+    assert h.engine.replies[0].cancelled
+    assert h.turns.history[1].interrupted
+    await h.turns.on_speech_ended(speech_end(0.8), user_stop=time.monotonic())
+    assert len(h.engine.calls) == 2
+    assert [i.role for i in h.engine.calls[1][1]] == ["user", "assistant"]
+    await h.close()
+
+
+async def test_a_short_backchannel_over_the_answer_is_ignored() -> None:
+    h = Harness(Script(audio_s=1.5))
+    await h.turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
+    await h.wait_state("speaking")
+    await h.turns.on_speech_started(SpeechStarted(1.0, 1.1))
+    await h.turns.on_speech_progress(150)
+    await h.turns.on_speech_ended(speech_end(0.2), user_stop=time.monotonic())
+    assert h.turns.state == "speaking"
+    assert len(h.engine.calls) == 1
+    await h.wait_state("listening")
+    await h.close()
+
+
+async def test_speech_while_thinking_is_answered_together_with_the_earlier_turn() -> None:
+    h = Harness(Script(first_delay_s=0.5))
+    await h.turns.on_speech_ended(speech_end(0.5, fill=0.1), user_stop=time.monotonic())
+    assert h.turns.state == "thinking"
+    await h.turns.on_speech_started(SpeechStarted(2.0, 2.1))
+    assert h.engine.replies[0].cancelled
+    assert h.turns.state == "listening"
+    await h.turns.on_speech_ended(speech_end(0.3, fill=0.2), user_stop=time.monotonic())
+    merged = h.engine.calls[1][0].audio
+    assert merged is not None and len(merged) == 8000 + 4800
+    np.testing.assert_allclose(merged[:8000], 0.1)
+    np.testing.assert_allclose(merged[8000:], 0.2)
+    assert h.engine.calls[1][1] == []  # the dropped reply left no history
+    await h.wait_state("listening", within=4)
+    await h.close()
+
+
+async def test_a_typed_turn_replaces_the_answer_in_flight() -> None:
+    h = Harness(Script(audio_s=2.0))
+    await h.turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
+    await h.wait_state("speaking")
+    await h.turns.on_user_text("what time is it")
+    assert h.engine.replies[0].cancelled
+    assert h.engine.calls[1][0].text == "what time is it"
+    assert h.turns.state == "thinking"
+    await h.close()
+
+
+async def test_an_engine_failure_reports_an_error_and_returns_to_listening() -> None:
+    h = Harness(Script(fail_after_chunks=2, audio_s=1.0))
+    await h.turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
+    await h.wait_state("speaking")
+    await h.wait_state("listening")
+    (error,) = h.of_type("error")
+    assert "scripted" not in error["message"]  # internal details stay in the log
+    assert h.of_type("flush")
+    await h.turns.on_user_text("still there?")
+    await h.wait_state("speaking")
+    await h.close()
+
+
+# --- sessions ---------------------------------------------------------------------------------
+
+
+def channel_messages(channel: FakeChannel, type_: str | None = None) -> list[dict]:
+    messages = [json.loads(m) for m in channel.sent]
+    return [m for m in messages if type_ is None or m["type"] == type_]
+
+
+async def test_spoken_turn_through_a_session_reaches_the_engine_and_is_answered(
+    tmp_path: Path,
+) -> None:
+    speech = espeak_16k("turn on the kitchen lights", tmp_path)
+    engine = FakeEngine(Script(audio_s=0.4))
+    session = Session(engine, SessionConfig(EndpointerConfig(hangover_ms=500)))
+    channel = FakeChannel()
+    session.attach_channel(channel)
+    mic = MicTrack()
+    pump = OutputPump(session.output_track).start()
+    session.attach_input(mic)
+    await asyncio.sleep(0.2)
+    said_at = time.monotonic()
+    speech_s = mic.say(speech, 16_000)
+    await wait_until(lambda: len(engine.calls) == 1)
+    await wait_until(lambda: session.turns.state == "listening" and pump.audio_frames() > 0)
+    states = [m["state"] for m in channel_messages(channel, "state")]
+    assert states == ["listening", "thinking", "speaking", "listening"]
+    thinking_at = next(t for t, s in session.turns.state_log if s == "thinking")
+    # the turn ends one hangover (0.5 s) after the speech, give or take eSpeak's trailing silence
+    assert thinking_at - (said_at + speech_s) == pytest.approx(0.5, abs=0.25)
+    record = session.turns.records[0]
+    assert record.user_stop == pytest.approx(said_at + speech_s, abs=0.25)
+    turn = engine.calls[0][0]
+    assert turn.audio is not None
+    assert turn.duration_s == pytest.approx(len(speech) / 16_000, abs=0.5)
+    await session.close()
+    await pump.stop()
+
+
+async def test_typed_text_message_becomes_a_text_turn() -> None:
+    engine = FakeEngine()
+    session = Session(engine)
+    channel = FakeChannel()
+    session.attach_channel(channel)
+    channel.emit("message", json.dumps({"type": "text", "text": "  hi there  "}))
+    await wait_until(lambda: len(engine.calls) == 1)
+    assert engine.calls[0][0].text == "hi there"
+    await session.close()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not json",
+        "[1, 2]",
+        '{"type": "dance"}',
+        '{"type": "text"}',
+        '{"type": "text", "text": 5}',
+        '{"type": "text", "text": "   "}',
+        '{"type": "interrupt", "extra": 1}',
+        b"\xff\xfe",
+        "x" * 20_000,
+    ],
+)
+async def test_malformed_client_messages_get_an_error_event_and_nothing_else(raw) -> None:  # type: ignore[no-untyped-def]
+    engine = FakeEngine()
+    session = Session(engine)
+    channel = FakeChannel()
+    session.attach_channel(channel)
+    channel.emit("message", raw)
+    await asyncio.sleep(0.02)
+    errors = channel_messages(channel, "error")
+    assert len(errors) == 1 and errors[0]["message"]
+    assert engine.calls == []
+    channel.emit("message", '{"type": "text", "text": "ok"}')
+    await wait_until(lambda: len(engine.calls) == 1)  # the session still works
+    await session.close()
+
+
+async def test_messages_sent_before_the_channel_opens_are_delivered_on_open() -> None:
+    session = Session(FakeEngine())
+    channel = FakeChannel(ready_state="connecting")
+    session.attach_channel(channel)
+    assert channel.sent == []
+    channel.open()
+    assert channel_messages(channel, "state") == [{"type": "state", "state": "listening"}]
+    await session.close()
+
+
+async def test_closing_sessions_leaves_no_tasks_behind() -> None:
+    baseline = len(asyncio.all_tasks())
+    for _ in range(20):
+        engine = FakeEngine(Script(audio_s=2.0))
+        session = Session(engine)
+        channel = FakeChannel()
+        session.attach_channel(channel)
+        pump = OutputPump(session.output_track).start()
+        session.attach_input(MicTrack(realtime=False))
+        channel.emit("message", '{"type": "text", "text": "talk"}')
+        await wait_until(lambda s=session: s.turns.state == "speaking")
+        await session.close()
+        await pump.stop()
+        assert engine.replies[0].cancelled
+        assert session.output_track.readyState == "ended"
+    await asyncio.sleep(0.01)
+    assert len(asyncio.all_tasks()) == baseline
+
+
+async def test_echo_canceller_is_fed_the_sent_audio_and_cleans_the_mic() -> None:
+    class Recorder:
+        def __init__(self) -> None:
+            self.far: list[np.ndarray] = []
+            self.near = 0
+
+        def far_end(self, frame: np.ndarray) -> None:
+            self.far.append(frame)
+
+        def process(self, frame: np.ndarray) -> np.ndarray:
+            self.near += 1
+            return np.zeros_like(frame)  # removes everything: no turn may start
+
+    canceller = Recorder()
+    engine = FakeEngine()
+    session = Session(engine, echo_canceller=canceller)
+    pump = OutputPump(session.output_track).start()
+    mic = MicTrack()
+    session.attach_input(mic)
+    mic.say(tone(1.0, 16_000, freq=200, amp=0.5), 16_000)
+    await asyncio.sleep(0.4)
+    assert canceller.near >= 20 and len(canceller.far) >= 20
+    assert {f.shape for f in canceller.far} == {(160,)}
+    assert not session.endpointer.in_speech and engine.calls == []
+    await session.close()
+    await pump.stop()
+
+
+async def test_an_engine_error_message_is_passed_to_the_client() -> None:
+    class Busy(FakeEngine):
+        def respond(self, turn, history):  # type: ignore[no-untyped-def]
+            raise EngineError("the model is busy, try again in a moment")
+
+    messages: list[dict] = []
+    track = AgentAudioTrack()
+    turns = TurnManager(Busy(), track, lambda m: messages.append(json.loads(m)))
+    await turns.on_user_text("hi")
+    assert messages[-1] == {"type": "error", "message": "the model is busy, try again in a moment"}
+    track.stop()
+
+
+async def test_an_engine_that_raises_on_respond_leaves_the_session_listening() -> None:
+    class Refusing(FakeEngine):
+        def respond(self, turn, history):  # type: ignore[no-untyped-def]
+            raise RuntimeError("no capacity")
+
+    messages: list[dict] = []
+    track = AgentAudioTrack()
+    turns = TurnManager(Refusing(), track, lambda m: messages.append(json.loads(m)))
+    turns.start()
+    await turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
+    assert turns.state == "listening"
+    assert [m["type"] for m in messages] == ["state", "error"]
+    track.stop()
+
+
+async def test_cancel_and_wait_warns_about_a_task_that_swallows_cancellation(caplog) -> None:  # type: ignore[no-untyped-def]
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                continue
+
+    task = asyncio.create_task(stubborn(), name="stubborn")
+    await asyncio.sleep(0)
+    log = logging.getLogger("test")
+    with caplog.at_level(logging.WARNING):
+        await cancel_and_wait(task, log, timeout_s=0.1)
+    assert "stubborn ignored cancellation" in caplog.text
+    release.set()
+    task.cancel()
+    await asyncio.wait({task})
+
+
+async def test_planar_float_input_frames_are_understood(tmp_path: Path) -> None:
+    """Decoders may hand over planar float frames instead of packed s16."""
+    speech = espeak_16k("open the window", tmp_path)
+    engine = FakeEngine()
+    session = Session(engine, SessionConfig(EndpointerConfig(hangover_ms=300)))
+    rs = StreamResampler(16_000, 48_000)
+    up = np.concatenate([rs.process(speech), rs.flush(), np.zeros(48_000, np.float32)])
+    frames = []
+    for start in range(0, len(up) - 960, 960):
+        block = np.stack([up[start : start + 960]] * 2)  # (2, 960) planar
+        frame = AudioFrame.from_ndarray(block, format="fltp", layout="stereo")
+        frame.sample_rate = 48_000
+        frames.append(frame)
+
+    class Frames(MediaStreamTrack):
+        kind = "audio"
+
+        async def recv(self) -> AudioFrame:
+            if not frames:
+                raise MediaStreamError
+            await asyncio.sleep(0)
+            return frames.pop(0)
+
+    session.attach_input(Frames())
+    await wait_until(lambda: len(engine.calls) == 1)
+    heard = engine.calls[0][0].audio
+    assert heard is not None
+    xcorr = correlate(heard, speech, mode="full", method="fft")
+    similarity = xcorr.max() / (np.linalg.norm(heard) * np.linalg.norm(speech))
+    assert similarity > 0.9  # the same waveform, not a garbled channel interleave
+    await session.close()

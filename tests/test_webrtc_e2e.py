@@ -1,0 +1,225 @@
+"""A real call over WebRTC on loopback: an aiortc client talks to the real app.
+
+The client sends eSpeak NG speech as a clock-paced microphone track, receives the agent's audio
+track and the `events` data channel, and checks what came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from prometheus_client import REGISTRY
+
+from agent.engine import Engine
+from agent.session import SessionConfig
+from audio_dsp import EndpointerConfig, StreamResampler, to_mono_float32
+from signaling import REGISTRY_KEY, ServerConfig, create_app
+from tests.fakes import FakeEngine, MicTrack, Script, espeak_16k, wait_until
+
+SESSION = SessionConfig(EndpointerConfig(hangover_ms=600))
+
+
+@dataclass
+class Call:
+    """The client side of one call, recording everything the server sends."""
+
+    pc: RTCPeerConnection
+    mic: MicTrack
+    channel: object
+    messages: list[tuple[float, dict]] = field(default_factory=list)
+    audio: list[tuple[float, np.ndarray]] = field(default_factory=list)  # (arrival, mono 48k)
+    reader: asyncio.Task[None] | None = None
+
+    def of_type(self, type_: str) -> list[dict]:
+        return [m for _, m in self.messages if m["type"] == type_]
+
+    def states(self) -> list[str]:
+        return [m["state"] for m in self.of_type("state")]
+
+    def voiced_audio(self, threshold: float = 0.02) -> np.ndarray:
+        frames = [f for _, f in self.audio if np.abs(f).max() > threshold]
+        return np.concatenate(frames) if frames else np.zeros(0, np.float32)
+
+    def first_audio_arrival(self, after: float, threshold: float = 0.02) -> float | None:
+        return next((t for t, f in self.audio if t > after and np.abs(f).max() > threshold), None)
+
+    async def hang_up(self) -> None:
+        self.mic.stop()
+        if self.reader is not None:
+            self.reader.cancel()
+            await asyncio.gather(self.reader, return_exceptions=True)
+        await self.pc.close()
+
+
+async def _record(call: Call, track: MediaStreamTrack) -> None:
+    try:
+        while True:
+            frame = await track.recv()
+            mono = to_mono_float32(frame.to_ndarray(), len(frame.layout.channels))
+            call.audio.append((time.monotonic(), mono))
+    except MediaStreamError:
+        return
+
+
+async def dial(base_url: str) -> Call:
+    """Connect an aiortc client to the server at `base_url`, ready to talk."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    mic = MicTrack()
+    pc.addTrack(mic)
+    channel = pc.createDataChannel("events")
+    call = Call(pc, mic, channel)
+    channel.on("message", lambda raw: call.messages.append((time.monotonic(), json.loads(raw))))
+
+    @pc.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        call.reader = asyncio.create_task(_record(call, track))
+
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+    async with aiohttp.ClientSession() as http, http.post(f"{base_url}/offer", json=offer) as resp:
+        assert resp.status == 200, await resp.text()
+        answer = await resp.json()
+    await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+    await wait_until(lambda: channel.readyState == "open" and call.states() == ["listening"])
+    return call
+
+
+@pytest.fixture
+async def serve(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Start the real app for an engine on a free loopback port; yields (base_url, app)."""
+    runners: list[web.AppRunner] = []
+
+    async def start(engine: Engine) -> tuple[str, web.Application]:
+        app = create_app(engine, ServerConfig(static_dir=tmp_path, session=SESSION))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}", app
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.mark.slow
+async def test_repeated_calls_leave_no_sessions_or_tasks_behind(serve) -> None:  # type: ignore[no-untyped-def]
+    base_url, app = await serve(FakeEngine())
+    active_before = REGISTRY.get_sample_value("voice_agent_sessions_active")
+    tasks_before = len(asyncio.all_tasks())
+    for _ in range(5):
+        call = await dial(base_url)
+        call.channel.send(json.dumps({"type": "text", "text": "hi"}))
+        await wait_until(lambda c=call: "speaking" in c.states())
+        await call.hang_up()
+        await wait_until(lambda: len(app[REGISTRY_KEY]) == 0, within=10)
+    await asyncio.sleep(0.2)
+    assert REGISTRY.get_sample_value("voice_agent_sessions_active") == active_before
+    assert len(asyncio.all_tasks()) == tasks_before
+
+
+def dominant_freq(x: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / rate)[np.argmax(spectrum)])
+
+
+@pytest.mark.slow
+async def test_spoken_turn_over_webrtc_gets_the_reply_audio_and_events(serve, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    speech = espeak_16k("what is the weather like today", tmp_path)
+    engine = FakeEngine(Script(audio_s=0.8, freq=440.0, text="it is sunny"))
+    base_url, app = await serve(engine)
+    call = await dial(base_url)
+    try:
+        call.mic.say(speech, 16_000)
+        await wait_until(lambda: call.states()[-2:] == ["speaking", "listening"], within=10)
+        await asyncio.sleep(0.3)  # the last frames are still in the jitter buffer
+        assert call.states() == ["listening", "thinking", "speaking", "listening"]
+        turn = engine.calls[0][0]
+        assert turn.audio is not None
+        assert turn.duration_s == pytest.approx(len(speech) / 16_000, abs=0.5)
+        finals = [(m["role"], m["text"]) for m in call.of_type("transcript") if m["final"]]
+        assert finals == [("user", "hello agent"), ("assistant", "it is sunny")]
+        reply = call.voiced_audio()
+        assert len(reply) / 48_000 == pytest.approx(0.8, abs=0.15)
+        assert dominant_freq(reply, 48_000) == pytest.approx(440, abs=10)
+    finally:
+        await call.hang_up()
+    await wait_until(lambda: len(app[REGISTRY_KEY]) == 0, within=10)
+
+
+@pytest.mark.slow
+async def test_talking_over_the_agent_over_webrtc_stops_it_and_answers_again(
+    serve, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    speech = espeak_16k("stop please, tell me something else", tmp_path)
+    engine = FakeEngine(Script(audio_s=4.0, text="a long story about many things"))
+    base_url, _ = await serve(engine)
+    call = await dial(base_url)
+    try:
+        call.mic.say(speech[: 16_000 * 1], 16_000)
+        await wait_until(lambda: "speaking" in call.states(), within=10)
+        await asyncio.sleep(0.5)
+        barge_at = time.monotonic()
+        call.mic.say(speech, 16_000)
+        await wait_until(lambda: call.of_type("flush"), within=5)
+        flush_at = next(t for t, m in call.messages if m["type"] == "flush")
+        assert flush_at - barge_at < 1.0  # ~350 ms of voiced speech + network
+        assert engine.replies[0].cancelled
+        # no stale audio: the track falls silent within the jitter buffer's depth
+        await asyncio.sleep(0.7)
+        late = [f for t, f in call.audio if t > flush_at + 0.25 and t < flush_at + 0.6]
+        assert late and max(np.abs(f).max() for f in late) < 0.02
+        await wait_until(lambda: len(engine.calls) == 2, within=10)
+        history = engine.calls[1][1]
+        assert history[1].role == "assistant" and history[1].interrupted
+        assert 0 < len(history[1].text.split()) < 6
+    finally:
+        await call.hang_up()
+
+
+@pytest.mark.slow
+async def test_offline_engine_answers_with_speech_that_repeats_a_word_the_user_said(  # type: ignore[no-untyped-def]
+    serve, tmp_path
+) -> None:
+    try:
+        from models.offline import OfflineEngine
+        from models.offline.asr import SpeechRecognizer
+    except ImportError as exc:
+        pytest.skip(f"the offline engine is not available: {exc}")
+    words = "hello my name is robert"
+    speech = espeak_16k(words, tmp_path)
+    engine = OfflineEngine()
+    await engine.start()
+    try:
+        base_url, _ = await serve(engine)
+        call = await dial(base_url)
+        try:
+            call.mic.say(speech, 16_000)
+            await wait_until(
+                lambda: call.of_type("error") or call.states()[-2:] == ["speaking", "listening"],
+                within=30,
+            )
+            assert not call.of_type("error")
+            await asyncio.sleep(0.3)
+            reply = call.voiced_audio(threshold=0.005)
+            assert len(reply) > 48_000 * 0.3
+            rs = StreamResampler(48_000, 16_000)
+            reply16 = np.concatenate([rs.process(reply), rs.flush()])
+            heard = await asyncio.to_thread(SpeechRecognizer().transcribe, reply16)
+            assert set(heard.lower().split()) & set(words.split()), heard
+        finally:
+            await call.hang_up()
+    finally:
+        await engine.close()
