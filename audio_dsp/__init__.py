@@ -1,9 +1,20 @@
 """Pure, synchronous, frame-in/frame-out signal processing (numpy only).
 
-Resampling, re-framing, voice activity detection and turn endpointing. Nothing here knows about
+Resampling, re-framing, echo cancellation, voice activity detection and turn endpointing. Nothing here knows about
 asyncio, WebRTC or models, so every piece is tested with plain arrays.
 """
 
+from audio_dsp.aec import (
+    AlignedEchoCanceller,
+    EchoCanceller,
+    EchoCancellerUnavailable,
+    FarEndBuffer,
+    NullCanceller,
+    SpeexCanceller,
+    WebRtcAec3Canceller,
+    available_backends,
+    create_canceller,
+)
 from audio_dsp.endpointer import (
     Endpointer,
     EndpointerConfig,
@@ -21,6 +32,15 @@ from audio_dsp.resample import (
 from audio_dsp.vad import VoiceActivityDetector
 
 __all__ = [
+    "AlignedEchoCanceller",
+    "EchoCanceller",
+    "EchoCancellerUnavailable",
+    "FarEndBuffer",
+    "NullCanceller",
+    "SpeexCanceller",
+    "WebRtcAec3Canceller",
+    "available_backends",
+    "create_canceller",
     "Endpointer",
     "EndpointerConfig",
     "EndpointerEvent",
