@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.hift.hyperyaml import HyperNode, HyperYamlError, load_hyperyaml, parse_hyperyaml
+from models.hyperyaml import HyperNode, HyperYamlError, load_hyperyaml, parse_hyperyaml
 
 __all__ = [
     "CFMConfig",

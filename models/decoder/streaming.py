@@ -1,0 +1,332 @@
+"""Low-latency streaming token -> waveform decoding with bounded cost per block.
+
+The reference streaming decoder (`AudioDecoder`) re-encodes every previous token and re-runs
+the flow over every previous mel frame on each block, so a block costs O(answer length), and its
+cross-fade mixes frames that are not time-aligned. `StreamingDecoder` keeps the same models and
+the same token -> frame alignment but bounds the work per block:
+
+* encoder: only the block's new tokens are encoded, attending to a trimmed key/value cache
+  of at most `encoder_cache_tokens` previous tokens (exact while the cache is untrimmed);
+* flow: the sampler runs on a window of `context_tokens` previous tokens plus the block;
+  the context frames are conditioned on the mel already produced for them (the reference's
+  prompt mechanism, limited to a window);
+* mel joins: the last `lookahead_frames` of each block are provisional; the next block
+  regenerates them with right context and cross-fades (raised cosine) old -> new at the same
+  time positions;
+* vocoder: each call re-renders `vocoder_context_frames` of already vocoded mel on the left,
+  keeps the sine phase continuous across calls (random initial phases drawn once per stream,
+  running phase and the f0 of settled frames carried over), holds back the last
+  `vocoder_holdback_frames` of audio (within the reach of the right edge) and replaces them
+  by their re-rendering, cross-faded where the two meet.
+
+The first block needs only `block_tokens` (10) tokens. State lives in a `FastStream` per
+utterance.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from models.flow import EncoderCache, FlowDecoder, mel_frames_for_tokens
+from models.hift import HiFTGenerator, SourceDraws
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FastStream", "StreamingConfig", "StreamingDecoder"]
+
+FRAMES_PER_TOKEN = 22050 / 256 / 12.5  # 6.89 mel frames per 12.5 Hz token
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    """Knobs of the bounded-cost streaming decoder (frames are 256-sample mel frames)."""
+
+    block_tokens: int = 10  # tokens per block; a multiple of the encoder's attention block
+    context_tokens: int = 20  # previous tokens (and their mel) conditioning each block
+    encoder_cache_tokens: int = 100  # encoder left context kept in the key/value cache
+    lookahead_frames: int = 8  # provisional frames at a block's end, regenerated next block
+    # The vocoder's convolutions reach about 8 frames past an input edge: audio closer than
+    # that to the right edge is held back and re-rendered by the next call, which starts
+    # that far left of the held-back audio.
+    vocoder_context_frames: int = 14  # already vocoded frames re-rendered on the left
+    vocoder_holdback_frames: int = 6  # audio frames held back, re-rendered next call
+    vocoder_crossfade_frames: int = 2  # old -> new cross-fade at the start of the held part
+    n_timesteps: int = 10  # Euler steps of the flow sampler (reference: 10)
+    seed: int = 42  # per-stream generator seed (noise and sine phases)
+
+    def __post_init__(self) -> None:
+        if min(self.block_tokens, self.n_timesteps, self.encoder_cache_tokens) < 1:
+            raise ValueError("block_tokens, n_timesteps and encoder_cache_tokens must be >= 1")
+        if self.context_tokens * FRAMES_PER_TOKEN < self.lookahead_frames + 1:
+            raise ValueError("context_tokens must cover more frames than lookahead_frames")
+        if self.block_tokens * FRAMES_PER_TOKEN < 2 * self.lookahead_frames:
+            raise ValueError("a block must produce at least twice lookahead_frames frames")
+        if not 0 < self.vocoder_holdback_frames <= self.vocoder_context_frames:
+            raise ValueError("need 0 < vocoder_holdback_frames <= vocoder_context_frames")
+        if not 0 < self.vocoder_crossfade_frames <= self.vocoder_holdback_frames:
+            raise ValueError("need 0 < vocoder_crossfade_frames <= vocoder_holdback_frames")
+
+
+@dataclass
+class FastStream:
+    """Per-utterance state of `StreamingDecoder` (batch 1).
+
+    pending: token ids not decoded yet; n_tokens: tokens decoded so far.
+    encoder_cache: keys/values of encoded complete token blocks (trimmed).
+    features: [1, <=context_tokens, 80] projected encoder features of the last tokens.
+    mel: [1, 80, M] final mel of the last frames (ends at global frame `mel_end`).
+    lookahead: [1, 80, lookahead_frames] provisional frames after `mel_end`.
+    voc_mel: [1, 80, <=K] last vocoded frames, voc_f0 [1, <=K] the f0 used for them and
+    voc_cycles [1, H, 1] the sine phase at their start.
+    audio_tail: [1, holdback * 256] rendered, not yet emitted samples.
+    """
+
+    generator: torch.Generator
+    phases: Tensor
+    pending: list[int] = field(default_factory=list)
+    n_tokens: int = 0
+    encoder_cache: EncoderCache | None = None
+    features: Tensor | None = None
+    mel: Tensor | None = None
+    mel_end: int = 0
+    lookahead: Tensor | None = None
+    voc_mel: Tensor | None = None
+    voc_f0: Tensor | None = None
+    voc_cycles: Tensor | None = None
+    audio_tail: Tensor | None = None
+    finished: bool = False
+
+
+def _raised_cosine(n: int, device: torch.device | None = None) -> Tensor:
+    """Fade-in weights 0 -> 1 over n points (excluding both ends), float32."""
+    t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return (0.5 - 0.5 * torch.cos(math.pi * t)).float().to(device)
+
+
+class StreamingDecoder:
+    """Bounded-cost streaming decoder over the reference flow and HiFT models."""
+
+    sample_rate = 22050
+
+    def __init__(
+        self, flow: FlowDecoder, hift: HiFTGenerator, config: StreamingConfig | None = None
+    ) -> None:
+        self.flow = flow
+        self.hift = hift
+        self.config = config or StreamingConfig()
+        block = flow.cfg.encoder.block_size
+        if self.config.block_tokens % block != 0:
+            raise ValueError(f"block_tokens must be a multiple of the encoder block ({block})")
+        self._hop = hift.config.upsample_factor
+        self._f0_margin = hift.config.f0_predictor.num_layers  # k3 convs: +-1 frame each
+        if self.config.vocoder_context_frames < 2 * self._f0_margin:
+            raise ValueError(
+                f"vocoder_context_frames must be >= {2 * self._f0_margin} (twice the f0 "
+                "predictor's reach) so that re-predicted f0 is free of edge effects"
+            )
+        with torch.no_grad():
+            zeros = torch.zeros(1, flow.cfg.spk_embed_dim, device=self._device, dtype=self._dtype)
+            self._spks = flow.speaker_projection(zeros)  # GLM-4-Voice uses a zero x-vector
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        decoder_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        config: StreamingConfig | None = None,
+    ) -> StreamingDecoder:
+        flow = FlowDecoder.from_pretrained(decoder_dir, device=device, dtype=dtype)
+        hift = HiFTGenerator.from_pretrained(decoder_dir, device=device, dtype=dtype)
+        return cls(flow, hift, config)
+
+    @property
+    def _device(self) -> torch.device:
+        return self.flow.input_embedding.weight.device
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.flow.input_embedding.weight.dtype
+
+    def new_stream(self, seed: int | None = None) -> FastStream:
+        generator = torch.Generator().manual_seed(self.config.seed if seed is None else seed)
+        phases = self.hift.draw(1, 0, generator).phases
+        return FastStream(generator=generator, phases=phases)
+
+    # ----- public streaming API -----------------------------------------------------------
+
+    @torch.inference_mode()
+    def push(self, stream: FastStream, tokens: Iterable[int]) -> list[Tensor]:
+        """Add audio token ids; decode every complete block. Returns speech chunks [1, S]."""
+        if stream.finished:
+            raise RuntimeError("stream already finished")
+        stream.pending.extend(int(t) for t in tokens)
+        chunks = []
+        while len(stream.pending) >= self.config.block_tokens:
+            block = stream.pending[: self.config.block_tokens]
+            del stream.pending[: self.config.block_tokens]
+            chunks.append(self._decode_block(stream, block, final=False))
+        return chunks
+
+    @torch.inference_mode()
+    def finish(self, stream: FastStream) -> Tensor:
+        """Decode the remaining tokens and flush every held-back frame/sample: speech [1, S]."""
+        if stream.finished:
+            raise RuntimeError("stream already finished")
+        block, stream.pending = stream.pending, []
+        stream.finished = True
+        if block:
+            return self._decode_block(stream, block, final=True)
+        frames = stream.lookahead if stream.lookahead is not None else torch.zeros(1, 80, 0)
+        return self.vocode_frames(stream, frames.to(self._device), final=True)
+
+    def decode_block(self, stream: FastStream, token: Tensor, finalize: bool) -> Tensor:
+        """Same call shape as `AudioDecoder.decode_block`, so either decoder can serve a
+        caller that hands over token blocks of any size: token [1, n] -> speech [1, S] (empty
+        until a full block of `block_tokens` is available; everything on finalize)."""
+        chunks = self.push(stream, token[0].tolist())
+        if finalize:
+            chunks.append(self.finish(stream))
+        if not chunks:
+            return torch.zeros(1, 0, device=self._device)
+        return torch.cat(chunks, dim=-1)
+
+    def decode(self, tokens: Tensor) -> tuple[Tensor, list[int]]:
+        """Stream tokens [1, T] through a fresh stream; returns (speech [1, S], the sample
+        index where each chunk after the first begins)."""
+        stream = self.new_stream()
+        chunks = self.push(stream, tokens[0].tolist())
+        chunks.append(self.finish(stream))
+        joins = torch.tensor([c.shape[-1] for c in chunks]).cumsum(0)[:-1].tolist()
+        return torch.cat(chunks, dim=-1), joins
+
+    # ----- flow ---------------------------------------------------------------------------
+
+    def _decode_block(self, stream: FastStream, block: list[int], final: bool) -> Tensor:
+        frames = self._flow_block(stream, block, final)
+        return self.vocode_frames(stream, frames, final)
+
+    def _encode(self, stream: FastStream, block: list[int], final: bool) -> Tensor:
+        token = torch.tensor([block], dtype=torch.long, device=self._device)
+        h_new, cache = self.flow.encode_chunk(token, stream.encoder_cache)
+        if not final:
+            stream.encoder_cache = cache.trim(self.config.encoder_cache_tokens)
+        return h_new
+
+    def _flow_block(self, stream: FastStream, block: list[int], final: bool) -> Tensor:
+        """Generate the block's mel; returns the frames that became final [1, 80, n]."""
+        cfg = self.config
+        h_new = self._encode(stream, block, final)
+        a, b = stream.n_tokens, stream.n_tokens + len(block)
+        context = stream.features if stream.features is not None else h_new[:, :0]
+        window = torch.cat([context, h_new], dim=1)  # (1, tokens of window, 80)
+        f_start, f_end = mel_frames_for_tokens(a - context.shape[1]), mel_frames_for_tokens(b)
+        n_prompt = stream.mel_end - f_start if stream.mel is not None else 0
+        prompt = self._prompt(stream, n_prompt)
+        mel = self._sample(window, f_end - f_start, prompt, stream.generator)[:, :, n_prompt:]
+        if stream.lookahead is not None:
+            mel = self._crossfade_lookahead(mel, stream.lookahead)
+        stream.n_tokens = b
+        stream.features = window[:, -cfg.context_tokens :]
+        keep = mel.shape[-1] if final else mel.shape[-1] - cfg.lookahead_frames
+        stream.lookahead = None if final else mel[:, :, keep:]
+        done = mel[:, :, :keep]
+        history = done if stream.mel is None else torch.cat([stream.mel, done], dim=-1)
+        stream.mel = history[:, :, -math.ceil(cfg.context_tokens * FRAMES_PER_TOKEN + 2) :]
+        stream.mel_end += keep
+        return done
+
+    def _prompt(self, stream: FastStream, n_prompt: int) -> Tensor:
+        if n_prompt == 0:
+            return torch.zeros(1, 80, 0, device=self._device, dtype=self._dtype)
+        if stream.mel is None or n_prompt > stream.mel.shape[-1]:
+            raise RuntimeError("mel history shorter than the context window")
+        return stream.mel[:, :, -n_prompt:]
+
+    def _sample(
+        self, features: Tensor, n_frames: int, prompt: Tensor, generator: torch.Generator
+    ) -> Tensor:
+        """Flow sampler over a window: mu from the token features, cond = prompt mel on the
+        first frames, noise from the stream's generator. Returns [1, 80, n_frames]."""
+        mu = self.flow.regulate(features, n_frames)
+        cond = torch.zeros_like(mu)
+        cond[:, :, : prompt.shape[-1]] = prompt
+        mask = torch.ones(1, 1, n_frames, device=mu.device, dtype=mu.dtype)
+        noise = torch.randn(1, 80, n_frames, generator=generator)
+        return self.flow.decoder(mu, mask, self._spks, cond, self.config.n_timesteps, noise.to(mu))
+
+    @staticmethod
+    def _crossfade_lookahead(mel: Tensor, lookahead: Tensor) -> Tensor:
+        n = lookahead.shape[-1]
+        fade_in = _raised_cosine(n, mel.device).to(mel.dtype)
+        out = mel.clone()
+        out[:, :, :n] = lookahead * (1 - fade_in) + mel[:, :, :n] * fade_in
+        return out
+
+    # ----- vocoder ------------------------------------------------------------------------
+
+    def vocode_frames(self, stream: FastStream, frames: Tensor, final: bool) -> Tensor:
+        """Vocode new final frames [1, 80, n] after the stream's context frames; returns the
+        samples that are now final (the held-back tail of the previous call cross-faded with
+        its re-rendering, then the new samples minus a fresh held-back tail unless final).
+
+        f0 near an input edge is distorted by the predictor's zero padding (+-`f0_margin`
+        frames), and an f0 error shifts the sine phase for every later sample. So the first
+        frames of the context reuse the f0 the previous call used for them (it saw them with
+        right context), the phase is anchored at the context start, and only frames at least
+        `f0_margin` away from the previous right edge take the new prediction."""
+        cfg, hop = self.config, self._hop
+        context = stream.voc_mel if stream.voc_mel is not None else frames[:, :, :0]
+        mel = torch.cat([context, frames], dim=-1)
+        if mel.shape[-1] == 0:
+            return self._flush(stream, final)
+        f0 = self.hift.predict_f0(mel)
+        if stream.voc_f0 is not None:
+            frozen = max(0, stream.voc_f0.shape[-1] - self._f0_margin)
+            f0 = torch.cat([stream.voc_f0[:, :frozen], f0[:, frozen:]], dim=-1)
+        draws = SourceDraws(stream.phases, self._unit_noise(stream, mel.shape[-1] * hop))
+        source = self.hift.source_from_f0(f0, draws, stream.voc_cycles)
+        audio = self.hift.decode(mel, source)
+        n_ctx = context.shape[-1]
+        next_start = mel.shape[-1] - min(cfg.vocoder_context_frames, mel.shape[-1])
+        stream.voc_cycles = self.hift.cycles_after(f0[:, :next_start], stream.voc_cycles)
+        stream.voc_mel = mel[:, :, next_start:]
+        stream.voc_f0 = f0[:, next_start:]
+        return self._emit(stream, audio[:, n_ctx * hop :], audio[:, : n_ctx * hop], final)
+
+    def _unit_noise(self, stream: FastStream, length: int) -> Tensor:
+        return torch.randn((1, stream.phases.shape[1], length), generator=stream.generator)
+
+    def _emit(self, stream: FastStream, new: Tensor, rerendered: Tensor, final: bool) -> Tensor:
+        """Replace the held-back tail by its re-rendering (the end of `rerendered`), with a
+        short cross-fade where the two meet; then emit `new` minus a fresh held-back tail
+        (nothing held back when final)."""
+        hold = self.config.vocoder_holdback_frames * self._hop
+        head = new[:, :0]
+        if stream.audio_tail is not None:
+            tail = stream.audio_tail
+            redo = rerendered[:, rerendered.shape[-1] - tail.shape[-1] :]
+            n_fade = min(self.config.vocoder_crossfade_frames * self._hop, tail.shape[-1])
+            fade_in = _raised_cosine(n_fade, new.device)
+            joined = tail[:, :n_fade] * (1 - fade_in) + redo[:, :n_fade] * fade_in
+            head = torch.cat([joined, redo[:, n_fade:]], dim=-1)
+        if final:
+            stream.audio_tail = None
+            return torch.cat([head, new], dim=-1)
+        stream.audio_tail = new[:, new.shape[-1] - hold :]
+        return torch.cat([head, new[:, : new.shape[-1] - hold]], dim=-1)
+
+    def _flush(self, stream: FastStream, final: bool) -> Tensor:
+        tail = stream.audio_tail
+        if tail is None:
+            tail = torch.zeros(1, 0, device=self._device)
+        if final:
+            stream.audio_tail = None
+        return tail

@@ -1,0 +1,288 @@
+"""Reference token -> waveform decoding: golden parity, streaming schedules, per-stream state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from models.decoder import (
+    DEMO_BLOCK_SIZES,
+    AudioDecoder,
+    DecoderStream,
+    ReferenceStreamer,
+    schedule_blocks,
+)
+from models.decoder.parity import check
+from models.decoder.quality import log_mel_distance
+from models.decoder.streaming import StreamingConfig, StreamingDecoder
+from models.decoder.tiny import write_tiny_decoder
+from models.flow import FlowDecoder, mel_frames_for_tokens
+from models.hift import HiFTGenerator, SourceDraws
+from models.hift.tiny import tiny_hift_yaml_section, write_tiny_hift
+
+
+class TokenMelFlow:
+    """A deterministic stand-in for the flow: each token id maps to a fixed mel colour, frames
+    are laid out at the reference rate, and the prompt is ignored (fast and prompt-free, so the
+    decoder's own bookkeeping is what the tests see)."""
+
+    def mel_frames(self, n_tokens: int) -> int:
+        return mel_frames_for_tokens(n_tokens)
+
+    def inference(self, token, prompt_token, prompt_feat, embedding, noise=None, n_timesteps=10):
+        total = prompt_token.shape[1] + token.shape[1]
+        n_new = self.mel_frames(total) - prompt_feat.shape[1]
+        ids = torch.cat([prompt_token, token], dim=1)[0].float()
+        frame_ids = ids[
+            (torch.arange(n_new) + prompt_feat.shape[1]) * total // self.mel_frames(total)
+        ]
+        bins = torch.arange(80).float()
+        return (torch.sin(frame_ids[None, :] * 0.37 + bins[:, None] * 0.1) - 5.0)[None]
+
+
+@pytest.fixture(scope="module")
+def tiny_hift(tmp_path_factory: pytest.TempPathFactory) -> HiFTGenerator:
+    out = tmp_path_factory.mktemp("tiny_hift")
+    write_tiny_hift(out, seed=0, base_channels=8, cond_channels=8)
+    (out / "config.yaml").write_text(
+        "sample_rate: 22050\n" + tiny_hift_yaml_section(base_channels=8, cond_channels=8)
+    )
+    return HiFTGenerator.from_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def fake_decoder(tiny_hift: HiFTGenerator) -> AudioDecoder:
+    return AudioDecoder(TokenMelFlow(), tiny_hift)
+
+
+def _tokens(n: int, seed: int = 0) -> Tensor:
+    return torch.randint(0, 16384, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_all_pass(results) -> None:
+    failed = [r.line() for r in results if not r.passed]
+    assert results and not failed, "\n".join(failed)
+
+
+def test_stream10_matches_reference_blocks_with_recorded_flow(golden_dir: Path) -> None:
+    """stream_inference (10-token blocks): every block's noise, prompt, mel and speech."""
+    _assert_all_pass(check(golden_dir, scenarios=("stream10",), flow_scenarios=()))
+
+
+def test_stream10_matches_reference_blocks_end_to_end(golden_dir: Path) -> None:
+    _assert_all_pass(check(golden_dir, scenarios=(), flow_scenarios=("stream10",)))
+
+
+@pytest.mark.slow
+def test_demo_schedule_and_offline_match_reference_with_recorded_flow(golden_dir: Path) -> None:
+    """The web demo's blocks (25, 50, 100, final 15) and offline decoding of 190 tokens."""
+    _assert_all_pass(check(golden_dir, scenarios=("demo", "offline"), flow_scenarios=()))
+
+
+@pytest.mark.slow
+def test_demo_schedule_and_offline_match_reference_end_to_end(golden_dir: Path) -> None:
+    _assert_all_pass(check(golden_dir, scenarios=(), flow_scenarios=("demo", "offline")))
+
+
+@pytest.mark.parametrize(
+    ("n_tokens", "sizes", "expected"),
+    [
+        (190, DEMO_BLOCK_SIZES, [25, 50, 100, 15]),
+        (45, (10,), [10, 10, 10, 10, 5]),
+        (800, DEMO_BLOCK_SIZES, [25, 50, 100, 150, 200, 200, 75]),
+        (0, (10,), []),
+    ],
+)
+def test_schedule_blocks_repeats_the_last_size(n_tokens: int, sizes, expected) -> None:
+    assert schedule_blocks(n_tokens, sizes) == expected
+
+
+def test_streamer_decodes_a_full_block_only_when_the_next_token_arrives(
+    fake_decoder: AudioDecoder,
+) -> None:
+    streamer = ReferenceStreamer(fake_decoder, (10, 20))
+    outputs = [streamer.push(t) for t in _tokens(10)[0].tolist()]
+    assert all(o is None for o in outputs)
+    assert streamer.push(1) is not None  # 11th token triggers the first block
+
+
+def test_streamer_chunks_equal_block_decoding(fake_decoder: AudioDecoder) -> None:
+    """Pushing tokens one by one yields the same chunks as decoding the scheduled blocks."""
+    tokens = _tokens(37)
+    streamer = ReferenceStreamer(fake_decoder, (10, 20))
+    pushed = [c for t in tokens[0].tolist() if (c := streamer.push(t)) is not None]
+    pushed.append(streamer.finish())
+    blocks = list(fake_decoder.iter_blocks(tokens, (10, 20)))
+    assert len(pushed) == len(blocks) == 3
+    for got, want in zip(pushed, blocks, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_chunk_lengths_hold_back_overlap_and_source_cache(fake_decoder: AudioDecoder) -> None:
+    """Non-final blocks emit (frames - 34 [+1 cached]) * 256 - 256 samples; the final block
+    emits everything, so the total is one sample per 256 of the final flow frames + cache."""
+    tokens = _tokens(25)
+    chunks = list(fake_decoder.iter_blocks(tokens, (10,)))
+    f = [mel_frames_for_tokens(n) for n in (10, 20, 25)]
+    new = [f[0], f[1] - (f[0] - 34), f[2] - (f[0] - 34) - (f[1] - f[0] + 1)]
+    assert chunks[0].shape[1] == (new[0] - 34) * 256 - 256
+    assert chunks[1].shape[1] == (new[1] + 1 - 34) * 256 - 256
+    assert chunks[2].shape[1] == (new[2] + 1) * 256
+
+
+def test_interleaved_streams_do_not_share_state(fake_decoder: AudioDecoder) -> None:
+    """Two utterances decoded block by block in alternation equal each decoded alone."""
+    a, b = _tokens(20, seed=1), _tokens(20, seed=2)
+    alone_a = list(fake_decoder.iter_blocks(a, (10,)))
+    alone_b = list(fake_decoder.iter_blocks(b, (10,)))
+    sa, sb = DecoderStream(), DecoderStream()
+    mixed_a, mixed_b = [], []
+    for i in range(2):
+        final = i == 1
+        mixed_a.append(fake_decoder.decode_block(sa, a[:, 10 * i : 10 * i + 10], final))
+        mixed_b.append(fake_decoder.decode_block(sb, b[:, 10 * i : 10 * i + 10], final))
+    for got, want in zip(mixed_a + mixed_b, alone_a + alone_b, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_finalize_clears_the_stream_caches(fake_decoder: AudioDecoder) -> None:
+    stream = DecoderStream()
+    fake_decoder.decode_block(stream, _tokens(10), finalize=False)
+    assert stream.cache_source is not None and stream.mel_overlap is not None
+    fake_decoder.decode_block(stream, _tokens(5), finalize=True)
+    assert stream.cache_source is None and stream.mel_overlap is None and stream.cache_mel is None
+
+
+def test_tiny_decoder_folder_loads_and_decodes_on_cpu(tmp_path: Path) -> None:
+    decoder = AudioDecoder.from_pretrained(write_tiny_decoder(tmp_path))
+    tokens = _tokens(12)
+    speech = decoder.offline(tokens)
+    assert speech.shape == (1, mel_frames_for_tokens(12) * 256)
+    assert torch.isfinite(speech).all() and speech.abs().max() <= 0.99
+
+
+# ----- bounded-cost streaming decoder -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_decoder(tmp_path_factory.mktemp("tiny_decoder"), hift_channels=8)
+
+
+@pytest.fixture(scope="module")
+def fast_decoder(tiny_folder: Path) -> StreamingDecoder:
+    return StreamingDecoder.from_pretrained(tiny_folder)
+
+
+def test_fast_decoder_emits_audio_after_the_first_ten_tokens(
+    fast_decoder: StreamingDecoder,
+) -> None:
+    stream = fast_decoder.new_stream()
+    assert fast_decoder.push(stream, _tokens(9)[0].tolist()) == []
+    chunks = fast_decoder.push(stream, [7])
+    assert len(chunks) == 1 and chunks[0].shape[-1] > 0.5 * 22050
+
+
+def test_fast_decoder_total_length_equals_offline_length(fast_decoder: StreamingDecoder) -> None:
+    """Every frame of the offline alignment is emitted exactly once (no gaps, no repeats)."""
+    speech, joins = fast_decoder.decode(_tokens(35))
+    assert speech.shape == (1, mel_frames_for_tokens(35) * 256)
+    assert len(joins) == 3 and joins == sorted(joins)
+    assert torch.isfinite(speech).all()
+
+
+def test_fast_decoder_work_per_block_is_bounded(fast_decoder: StreamingDecoder) -> None:
+    """The flow window stays the same size however long the answer gets."""
+    windows: list[int] = []
+    regulate = fast_decoder.flow.regulate
+
+    def recording(h: Tensor, mel_len: int) -> Tensor:
+        windows.append(mel_len)
+        return regulate(h, mel_len)
+
+    fast_decoder.flow.regulate = recording  # type: ignore[method-assign]
+    try:
+        fast_decoder.decode(_tokens(50))
+    finally:
+        del fast_decoder.flow.regulate
+    cfg = fast_decoder.config
+    bound = mel_frames_for_tokens(cfg.context_tokens + cfg.block_tokens) + 1
+    assert len(windows) == 5 and max(windows) <= bound
+    assert windows[-1] == windows[-2]  # steady state: constant cost
+
+
+def test_log_mel_distance_is_zero_for_identical_audio_and_sees_a_click() -> None:
+    audio = 0.1 * torch.sin(torch.arange(22050) * 2 * torch.pi * 220 / 22050)[None]
+    same = log_mel_distance(audio, audio, joins=[11025])
+    assert same.overall == 0 and same.at_joins == 0
+    clicked = audio.clone()
+    clicked[:, 11025:11030] = 0.9
+    hit = log_mel_distance(clicked, audio, joins=[11025])
+    assert hit.at_joins > 5 * hit.overall > 0
+
+
+def test_fast_decoder_stays_within_sampling_noise_of_offline(golden_dir: Path) -> None:
+    """On the reference (reduced) models, streamed audio is as close to offline audio as an
+    offline decode with other noise is, overall and around the joins."""
+    flow = FlowDecoder.from_pretrained(golden_dir / "flow")
+    hift = HiFTGenerator.from_pretrained(golden_dir / "hift")
+    tokens = torch.from_numpy(np.load(golden_dir / "token2wav_stream" / "tokens.npy"))[None, :40]
+    offline = AudioDecoder(flow, hift).offline(tokens)
+    noise = torch.randn(1, 80, flow.mel_frames(40), generator=torch.Generator().manual_seed(7))
+    empty = (torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 80), torch.zeros(1, 192))
+    other_mel = flow.inference(tokens, *empty, noise=noise)
+    other, _ = hift.inference(other_mel, generator=torch.Generator().manual_seed(7))
+    baseline = log_mel_distance(other, offline).overall
+    streamed, joins = StreamingDecoder(flow, hift).decode(tokens)
+    distance = log_mel_distance(streamed, offline, joins)
+    assert distance.overall < 1.15 * baseline
+    assert distance.at_joins < 1.3 * baseline
+
+
+def test_fast_decode_block_matches_push_and_finish(fast_decoder: StreamingDecoder) -> None:
+    """Blocks of any size through `decode_block` give the same audio as token-wise pushes."""
+    tokens = _tokens(27)
+    stream = fast_decoder.new_stream()
+    parts = [
+        fast_decoder.decode_block(stream, tokens[:, :7], finalize=False),
+        fast_decoder.decode_block(stream, tokens[:, 7:25], finalize=False),
+        fast_decoder.decode_block(stream, tokens[:, 25:], finalize=True),
+    ]
+    assert parts[0].shape == (1, 0)
+    whole, _ = fast_decoder.decode(tokens)
+    torch.testing.assert_close(torch.cat(parts, dim=-1), whole, rtol=0, atol=0)
+
+
+def test_fast_decoder_rejects_blocks_that_split_encoder_blocks(tiny_folder: Path) -> None:
+    flow = FlowDecoder.from_pretrained(tiny_folder)
+    hift = HiFTGenerator.from_pretrained(tiny_folder)
+    with pytest.raises(ValueError, match="multiple of the encoder block"):
+        StreamingDecoder(flow, hift, StreamingConfig(block_tokens=15, context_tokens=20))
+
+
+def test_fast_vocoder_chunks_join_like_one_shot_vocoding(fast_decoder: StreamingDecoder) -> None:
+    """Vocoding a mel in 4 chunks gives nearly the audio of vocoding it at once with the same
+    sine phases: the source phase continues and edge-affected audio is re-rendered. (Without
+    that, chunk-wise vocoding differs at the level of the signal itself.)"""
+    hift = fast_decoder.hift
+    g = torch.Generator().manual_seed(0)
+    mel = torch.nn.functional.avg_pool1d(torch.randn(1, 80, 130, generator=g), 5, 1, 2) - 4
+    bounds = [0, 30, 60, 90, 130]
+    stream = fast_decoder.new_stream()
+    with torch.inference_mode():
+        chunks = [
+            fast_decoder.vocode_frames(stream, mel[:, :, a:b], final=b == bounds[-1])
+            for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
+        noise = torch.randn(1, stream.phases.shape[1], 130 * 256, generator=g)
+        one_shot, _ = hift.inference(mel, draws=SourceDraws(stream.phases, noise))
+    streamed = torch.cat(chunks, dim=-1)
+    joins = torch.tensor([c.shape[-1] for c in chunks]).cumsum(0)[:-1].tolist()
+    assert streamed.shape == one_shot.shape
+    distance = log_mel_distance(streamed, one_shot, joins)
+    assert distance.overall < 0.08 and distance.at_joins < 0.12
+    assert (streamed - one_shot).abs().max() < 0.2 * one_shot.abs().max()
