@@ -33,13 +33,20 @@ class ParityResult:
 
 
 def compare(
-    component: str, output: str, got: np.ndarray, expected: np.ndarray, tol: float, exact: bool = False
+    component: str,
+    output: str,
+    got: np.ndarray,
+    expected: np.ndarray,
+    tol: float,
+    exact: bool = False,
 ) -> ParityResult:
     """Max abs error of `got` against `expected`; a shape mismatch is an infinite error."""
     got = np.asarray(got)
     expected = np.asarray(expected)
     if got.shape != expected.shape:
-        return ParityResult(component, f"{output} (shape {got.shape} != {expected.shape})", float("inf"), tol, exact)
+        return ParityResult(
+            component, f"{output} (shape {got.shape} != {expected.shape})", float("inf"), tol, exact
+        )
     if got.size == 0:
         return ParityResult(component, output, 0.0, tol, exact)
     err = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))

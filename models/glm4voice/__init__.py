@@ -8,6 +8,8 @@ from models.glm4voice.engine import (
     load_engine,
 )
 from models.glm4voice.paths import ModelFilesError, ModelPaths, resolve_model_paths
+from models.glm4voice.tokens import TokenConstraints, TokenPattern
+from models.glm4voice.worker import TurnListener
 
 __all__ = [
     "EngineOptions",
@@ -15,6 +17,9 @@ __all__ = [
     "GLM4VoiceReply",
     "ModelFilesError",
     "ModelPaths",
+    "TokenConstraints",
+    "TokenPattern",
+    "TurnListener",
     "history_prefix",
     "load_engine",
     "resolve_model_paths",

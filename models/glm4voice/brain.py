@@ -1,22 +1,26 @@
 """The loaded GLM-4-Voice models, and the units of work the worker runs with them.
 
 Speech tokenizer (16 kHz -> 12.5 codes/s) -> GLM-4-Voice-9B (interleaved text and audio ids,
-sampled with the reference demo's defaults) -> flow-matching decoder + HiFT (22.05 kHz).
-Everything here runs on the worker thread only.
+sampled with the reference demo's defaults, every live reply stepped in one batch) -> flow
+decoder + HiFT (22.05 kHz). Everything here runs on the worker thread only.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 
-from models.decoder import AudioDecoder, DecoderStream
+from models.decoder import AudioDecoder, DecoderStream, StreamingConfig, StreamingDecoder
+from models.glm4voice.batching import KVCacheBatch, SequenceBatch
 from models.glm4voice.paths import ModelPaths
-from models.glm4voice.worker import Job
+from models.glm4voice.tokens import TokenConstraints, TokenMasks
+from models.glm4voice.worker import Job, TextStream, TurnListener
 from models.lm import GLM4VoiceTokenizer, LMStepper, SamplingConfig, load_lm, sample_next
 from models.lm.loading import check_checkpoint
 from models.lm.prompt import audio_tokens_text, build_prompt
@@ -24,20 +28,63 @@ from models.speech_tokenizer import SpeechTokenizer
 
 logger = logging.getLogger(__name__)
 
+DecoderMode = Literal["fast", "reference"]
+
+
+def default_lm_dtype(device: str) -> torch.dtype:
+    """float32 on the CPU (bf16 matmuls are slow there), bfloat16 on accelerators."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How to place the models: device, LM precision and quantization."""
+    """How to place and run the models.
+
+    lm_dtype None picks float32 on the CPU and bfloat16 elsewhere. decoder_mode "fast" uses the
+    bounded-cost `StreamingDecoder`; "reference" decodes exactly as the reference demo does
+    (`AudioDecoder.decode_block`, every block re-decoding the whole answer so far).
+    """
 
     device: str = "cpu"
-    lm_dtype: torch.dtype = torch.bfloat16
+    lm_dtype: torch.dtype | None = None
     quantization: str | None = None  # None or "int4" (bitsandbytes NF4)
     decoder_dtype: torch.dtype = torch.float32
+    decoder_mode: DecoderMode = "fast"
+    streaming: StreamingConfig = field(default_factory=StreamingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    constraints: TokenConstraints = field(default_factory=TokenConstraints)
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, "int4"):
             raise ValueError(f"quantization must be None or 'int4', got {self.quantization!r}")
+        if self.decoder_mode not in ("fast", "reference"):
+            raise ValueError(
+                f"decoder_mode must be 'fast' or 'reference', not {self.decoder_mode!r}"
+            )
+
+    @property
+    def resolved_lm_dtype(self) -> torch.dtype:
+        return self.lm_dtype if self.lm_dtype is not None else default_lm_dtype(self.device)
+
+
+class ReplyDecoder:
+    """Audio codes of one reply -> speech, with either decoder (state per reply)."""
+
+    def __init__(self, decoder: AudioDecoder | StreamingDecoder) -> None:
+        self.decoder = decoder
+        self.eager = isinstance(decoder, StreamingDecoder)
+
+    def new_stream(self) -> object:
+        if isinstance(self.decoder, StreamingDecoder):
+            return self.decoder.new_stream()
+        return DecoderStream()
+
+    def decode(self, stream: object, codes: list[int], final: bool) -> np.ndarray:
+        """Speech [S] float32 for `codes`; `final` flushes what the decoder holds back."""
+        token = torch.tensor([codes], dtype=torch.long).reshape(1, len(codes))
+        with torch.inference_mode():
+            speech = self.decoder.decode_block(stream, token, final)  # type: ignore[arg-type]
+        return speech[0].float().cpu().numpy()
 
 
 class GLM4VoiceBrain:
@@ -46,52 +93,62 @@ class GLM4VoiceBrain:
     def __init__(
         self,
         speech_tokenizer: SpeechTokenizer,
-        stepper: LMStepper,
+        sequences: SequenceBatch,
         tokenizer: GLM4VoiceTokenizer,
-        decoder: AudioDecoder,
+        decoder: AudioDecoder | StreamingDecoder,
         sampling: SamplingConfig,
+        masks: TokenMasks,
+        constraints: TokenConstraints | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.speech_tokenizer = speech_tokenizer
-        self.stepper = stepper
+        self.sequences = sequences
         self.tokenizer = tokenizer
-        self.decoder = decoder
+        self.reply_decoder = ReplyDecoder(decoder)
         self.sampling = sampling
+        self.masks = masks
+        self.constraints = constraints or TokenConstraints()
         self.sample_rate = decoder.sample_rate
-        self._stop_ids = {tokenizer.user_id}
-        self._generator = sampling.generator(stepper.device)
+        self.eager_blocks = self.reply_decoder.eager
+        self._stop_ids = frozenset(tokenizer.turn_stop_ids())
+        self._generator = sampling.generator(device)
 
     @classmethod
     def load(cls, paths: ModelPaths, options: LoadOptions) -> GLM4VoiceBrain:
         """Check every file and the LM's keys and shapes, then load onto the device.
 
-        The tokenizer and the decoder are read on the CPU first so that a damaged file is
-        reported before any accelerator memory is spent.
+        The LM is used exactly as `load_lm` returns it (never cast afterwards: that would also
+        cast its float32 RoPE frequencies).
         """
         paths.check()
         check_checkpoint(paths.lm)
         tokenizer = GLM4VoiceTokenizer.from_dir(paths.lm)
         started = time.perf_counter()
-        speech_tokenizer = SpeechTokenizer.from_pretrained(paths.tokenizer, device="cpu")
-        decoder = AudioDecoder.from_pretrained(
-            paths.decoder, device="cpu", dtype=options.decoder_dtype
-        )
-        logger.info("speech tokenizer and decoder read in %.1f s", time.perf_counter() - started)
-        if options.device != "cpu":
-            speech_tokenizer = SpeechTokenizer.from_pretrained(
-                paths.tokenizer, device=options.device
-            )
-            decoder = AudioDecoder.from_pretrained(
-                paths.decoder, device=options.device, dtype=options.decoder_dtype
-            )
+        speech_tokenizer = SpeechTokenizer.from_pretrained(paths.tokenizer, device=options.device)
+        decoder = _load_decoder(paths, options)
+        logger.info("speech tokenizer and decoder loaded in %.1f s", time.perf_counter() - started)
         started = time.perf_counter()
-        lm = load_lm(paths.lm, options.device, options.lm_dtype, options.quantization)
+        lm = load_lm(paths.lm, options.device, options.resolved_lm_dtype, options.quantization)
         logger.info("language model loaded in %.1f s", time.perf_counter() - started)
         if lm.config.vocab_size < tokenizer.vocab_size:
             raise ValueError(
                 f"{paths.lm}: the model has {lm.config.vocab_size} rows but its tokenizer uses "
                 f"ids up to {tokenizer.vocab_size - 1}"
             )
-        return cls(speech_tokenizer, LMStepper(lm), tokenizer, decoder, options.sampling)
+        stepper = LMStepper(lm)
+        masks = TokenMasks.build(
+            tokenizer, lm.config.vocab_size, options.constraints, options.device
+        )
+        return cls(
+            speech_tokenizer,
+            KVCacheBatch(stepper),
+            tokenizer,
+            decoder,
+            options.sampling,
+            masks,
+            options.constraints,
+            options.device,
+        )
 
     # ------------------------------------------------------------------ token classes
 
@@ -107,6 +164,30 @@ class GLM4VoiceBrain:
     def decode_text(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids)
 
+    def text_stream(self) -> TextStream:
+        return self.tokenizer.text_stream()
+
+    # ------------------------------------------------------------------ the user's speech
+
+    def listen(self, listener: TurnListener, samples: np.ndarray) -> None:
+        """Tokenize speech of a turn still being spoken (completed 4 s blocks only)."""
+        if listener.state is None:
+            listener.state = self.speech_tokenizer.streaming()
+        listener.state.push(samples)
+
+    def speech_codes(self, job: Job) -> list[int]:
+        """The user's speech codes: finished from the listener when it heard this very audio."""
+        audio = job.turn_audio
+        assert audio is not None
+        listener = job.listener
+        if listener is not None and listener.state is not None:
+            fed = listener.fed_audio()
+            if len(fed) <= len(audio) and np.array_equal(audio[: len(fed)], fed):
+                listener.state.push(audio[len(fed) :])
+                return listener.state.finish()
+            logger.info("the turn's audio differs from what was heard: tokenizing it again")
+        return self.speech_tokenizer.tokenize(audio)
+
     # ------------------------------------------------------------------ units of work
 
     def user_input(self, job: Job) -> tuple[str, str]:
@@ -114,30 +195,52 @@ class GLM4VoiceBrain:
         if job.turn_text is not None:
             return job.turn_text, "text"
         started = time.perf_counter()
-        codes = self.speech_tokenizer.tokenize(job.turn_audio)
+        codes = self.speech_codes(job)
         job.timings.add("speech_tokenizer", time.perf_counter() - started)
         return audio_tokens_text(codes), "audio"
 
     def start_job(self, job: Job) -> None:
+        """Tokenize the turn, build its prompt on the history, prefill it."""
         user_input, mode = self.user_input(job)
         job.prompt = build_prompt(job.history_prefix, user_input, mode)  # type: ignore[arg-type]
         ids = self.tokenizer.encode(job.prompt)
         started = time.perf_counter()
-        logits, state = self.stepper.prefill(torch.tensor([ids], dtype=torch.long))
+        job.logits = self.sequences.prefill(job.key, ids)
         job.timings.add("prefill", time.perf_counter() - started)
-        job.lm_state = (state, logits)
-        job.decoder_state = DecoderStream()
+        job.decoder_state = self.reply_decoder.new_stream()
         logger.debug("prefilled %d prompt ids", len(ids))
 
-    def next_token(self, job: Job) -> int:
-        state, logits = job.lm_state  # type: ignore[misc]
-        token = sample_next(logits, self.sampling.temperature, self.sampling.top_p, self._generator)
-        token_id = int(token[0])
-        if not self.is_stop(token_id):
-            job.lm_state = (state, self.stepper.decode(state, token))
-        return token_id
+    def sample(self, jobs: Sequence[Job]) -> list[int]:
+        """The next id of every job, from its logits, in one batched draw."""
+        logits = torch.stack([job.logits for job in jobs])  # type: ignore[misc]  # (B, V)
+        phases = [self.constraints.phase(len(job.generated)) for job in jobs]
+        logits = self.masks.apply(logits, phases)
+        tokens = sample_next(
+            logits, self.sampling.temperature, self.sampling.top_p, self._generator
+        )
+        return [int(t) for t in tokens.tolist()]
+
+    def step(self, jobs: Sequence[Job], tokens: Sequence[int]) -> None:
+        """Feed each job its sampled id, all in one batched LM step; sets their next logits."""
+        logits = self.sequences.step([job.key for job in jobs], tokens)
+        for row, job in enumerate(jobs):
+            job.logits = logits[row]
+
+    def release(self, job: Job) -> None:
+        self.sequences.release(job.key)
 
     def decode_audio(self, job: Job, codes: list[int], final: bool) -> np.ndarray:
-        stream: DecoderStream = job.decoder_state  # type: ignore[assignment]
-        speech = self.decoder.decode_block(stream, torch.tensor([codes], dtype=torch.long), final)
-        return speech[0].float().cpu().numpy()
+        return self.reply_decoder.decode(job.decoder_state, codes, final)
+
+
+def _load_decoder(paths: ModelPaths, options: LoadOptions) -> AudioDecoder | StreamingDecoder:
+    if options.decoder_mode == "reference":
+        return AudioDecoder.from_pretrained(
+            paths.decoder, device=options.device, dtype=options.decoder_dtype
+        )
+    return StreamingDecoder.from_pretrained(
+        paths.decoder, device=options.device, dtype=options.decoder_dtype, config=options.streaming
+    )
+
+
+__all__ = ["DecoderMode", "GLM4VoiceBrain", "LoadOptions", "ReplyDecoder", "default_lm_dtype"]

@@ -5,6 +5,10 @@ whole prompt string of its turn, the assistant item the decoded completion (audi
 as `<|audio_N|>`), so the next prompt is byte-identical to the reference's. An answer that was
 interrupted is kept only up to the last audio token that was played, with the text the model
 had written before it.
+
+While the user speaks, `begin_turn()` returns a `TurnListener`: audio pushed into it is
+tokenized on the worker as it arrives, so when the turn ends only its last partial 4 s block
+is left to encode. Pass it to `respond(turn, history, listener=...)`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,12 +29,18 @@ from agent.engine import (
     Reply,
     ReplyEvent,
     StageTimings,
-    TextDelta,
     UserTurn,
     played_fraction,
 )
 from models.glm4voice.paths import ModelPaths
-from models.glm4voice.worker import DecodeSchedule, Job, ModelWorker, SpeechBrain
+from models.glm4voice.worker import (
+    AUDIO_TOKEN_S,
+    DecodeSchedule,
+    Job,
+    ModelWorker,
+    SpeechBrain,
+    TurnListener,
+)
 
 if TYPE_CHECKING:
     from models.glm4voice.brain import LoadOptions
@@ -46,6 +57,9 @@ class EngineOptions:
     later_block_tokens: int = 20
     max_ahead_s: float = 8.0  # stop generating a reply this far ahead of its playback
     max_jobs: int = 64
+    # Speech reaches the streaming tokenizer this late, so that audio the endpointer later
+    # trims off the end of a turn (its hangover) is never tokenized ahead of time.
+    listen_lag_s: float = 1.0
     schedule: DecodeSchedule = field(init=False)
 
     def __post_init__(self) -> None:
@@ -81,11 +95,22 @@ def history_prefix(history: Sequence[HistoryItem]) -> str:
 
 
 class GLM4VoiceReply(Reply):
-    def __init__(self, engine: GLM4VoiceEngine, turn: UserTurn, history: Sequence[HistoryItem]):
+    """One answer in progress: events come from the worker through the event loop.
+
+    The event queue needs no bound of its own: the worker stops generating a reply that is
+    `max_ahead_s` of audio ahead of its consumer, and text is bounded by `max_new_tokens`.
+    """
+
+    def __init__(
+        self,
+        engine: GLM4VoiceEngine,
+        turn: UserTurn,
+        history: Sequence[HistoryItem],
+        listener: TurnListener | None = None,
+    ) -> None:
         self._engine = engine
         self._loop = asyncio.get_running_loop()
         self._events: asyncio.Queue[ReplyEvent | BaseException | None] = asyncio.Queue()
-        self._text: list[str] = []
         self._audio_s = 0.0
         options = engine.options
         self._job = Job(
@@ -96,17 +121,26 @@ class GLM4VoiceReply(Reply):
             max_new_tokens=options.max_new_tokens,
             max_ahead_s=options.max_ahead_s,
             schedule=options.schedule,
+            listener=listener if turn.audio is not None else None,
         )
         self.timings: StageTimings = self._job.timings
         self._turn = turn
         self._finished = asyncio.Event()
         try:
-            engine.worker.submit(self._job)
+            engine.require_worker().submit(self._job)
         except queue.Full:
             raise EngineError("the voice model is busy with too many conversations") from None
 
+    @property
+    def job(self) -> Job:
+        """The worker's record of this reply (read it only once the reply has ended)."""
+        return self._job
+
     def _emit_threadsafe(self, event: ReplyEvent | BaseException | None) -> None:
-        self._loop.call_soon_threadsafe(self._deliver, event)
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            logger.debug("dropping a reply event: its event loop is closed")
 
     def _deliver(self, event: ReplyEvent | BaseException | None) -> None:
         if event is None:
@@ -120,14 +154,12 @@ class GLM4VoiceReply(Reply):
                 return
             if isinstance(event, BaseException):
                 raise EngineError(f"the voice model failed: {event}") from event
-            if isinstance(event, TextDelta):
-                self._text.append(event.text)
-            elif isinstance(event, AudioChunk):
+            if isinstance(event, AudioChunk):
                 # The consumer takes chunks at playback pace: let the worker know how far the
                 # listener has got, so it never runs more than max_ahead_s ahead.
                 self._audio_s += event.duration_s
                 self._job.consumed_s = max(0.0, self._audio_s - event.duration_s)
-                self._engine.worker.wake()
+                self._engine.require_worker().wake()
             yield event
 
     def __aiter__(self) -> AsyncIterator[ReplyEvent]:
@@ -135,7 +167,10 @@ class GLM4VoiceReply(Reply):
 
     async def cancel(self) -> None:
         self._job.cancelled.set()
-        self._engine.worker.wake()
+        worker = self._engine.worker
+        if worker is None:
+            return
+        worker.wake()
         await self._finished.wait()
 
     def history(self, played_s: float | None) -> list[HistoryItem]:
@@ -148,26 +183,31 @@ class GLM4VoiceReply(Reply):
         if generated and self._engine.is_stop(generated[-1]):
             generated = generated[:-1]
         total_s = job.audio_samples_emitted / self._engine.sample_rate
-        fraction = played_fraction(played_s, total_s)
-        interrupted = not job.done or fraction < 1.0
+        interrupted = not job.done or played_fraction(played_s, total_s) < 1.0
         if interrupted:
-            generated = self._cut(generated, fraction)
+            generated = self._cut(generated, played_s)
         completion = self._engine.decode(generated)
         text = self._engine.decode([t for t in generated if not self._engine.is_audio(t)])
         return [user, HistoryItem("assistant", text, interrupted=interrupted, payload=completion)]
 
-    def _cut(self, generated: list[int], fraction: float) -> list[int]:
-        """Ids up to the last audio token heard (text before it included)."""
-        heard = int(fraction * self._job.audio_tokens_decoded + 1e-9)
+    def _cut(self, generated: list[int], played_s: float | None) -> list[int]:
+        """Ids up to the last audio token heard (the text written before it included).
+
+        Token n of an answer is audio from n * 80 ms on, in both decoders, so the heard tokens
+        follow from the played seconds alone (the decoders hold back different amounts).
+        """
+        if played_s is None:
+            return generated
+        heard = int(played_s / AUDIO_TOKEN_S + 1e-6)
         if heard <= 0:
             return []  # nothing reached the listener
-        seen = 0
+        seen, end = 0, 0
         for index, token in enumerate(generated):
             if self._engine.is_audio(token):
-                seen += 1
+                seen, end = seen + 1, index + 1
                 if seen == heard:
-                    return generated[: index + 1]
-        return generated
+                    break
+        return generated[:end]
 
 
 class GLM4VoiceEngine(Engine):
@@ -183,6 +223,7 @@ class GLM4VoiceEngine(Engine):
         self.options = options or EngineOptions()
         self.brain: SpeechBrain | None = None
         self.worker: ModelWorker | None = None
+        self._listeners: weakref.WeakSet[TurnListener] = weakref.WeakSet()
 
     async def start(self) -> None:
         if self.worker is not None:
@@ -193,8 +234,8 @@ class GLM4VoiceEngine(Engine):
 
     async def close(self) -> None:
         if self.worker is not None:
-            await asyncio.to_thread(self.worker.stop)
-            self.worker = None
+            worker, self.worker = self.worker, None
+            await asyncio.to_thread(worker.stop)
 
     @property
     def sample_rate(self) -> int:
@@ -210,13 +251,38 @@ class GLM4VoiceEngine(Engine):
         return self._require_brain().decode_text(token_ids)
 
     def _require_brain(self) -> SpeechBrain:
-        if self.brain is None or self.worker is None:
+        if self.brain is None:
             raise EngineError("the GLM-4-Voice engine has not been started")
         return self.brain
 
-    def respond(self, turn: UserTurn, history: Sequence[HistoryItem]) -> Reply:
+    def require_worker(self) -> ModelWorker:
+        if self.worker is None:
+            raise EngineError("the GLM-4-Voice engine is not running")
+        return self.worker
+
+    def begin_turn(self) -> TurnListener:
+        """Start hearing a user turn: push its 16 kHz audio as it arrives, then pass the
+        listener to `respond` with the finished turn (or `close()` it if there is none)."""
+        lag = round(self.options.listen_lag_s * 16_000)
+        listener = TurnListener(self.require_worker(), lag)
+        self._listeners.add(listener)
+        return listener
+
+    def respond(
+        self,
+        turn: UserTurn,
+        history: Sequence[HistoryItem],
+        listener: TurnListener | None = None,
+    ) -> Reply:
+        """Answer `turn`; `listener` (from `begin_turn`) holds its speech tokenized so far.
+
+        The listener is used only if the audio it heard is the start of `turn.audio`;
+        otherwise the turn is tokenized whole, so a mismatch costs time, never correctness.
+        """
         self._require_brain()
-        return GLM4VoiceReply(self, turn, history)
+        if listener is not None and listener not in self._listeners:
+            raise ValueError("the listener was not made by this engine")
+        return GLM4VoiceReply(self, turn, history, listener)
 
 
 def load_engine(

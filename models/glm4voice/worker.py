@@ -1,21 +1,29 @@
 """The model worker: one thread that owns the GLM-4-Voice models and serves every conversation.
 
-Sessions never touch torch. Each reply becomes a `Job`; the worker advances every active job by
-one unit of work per round (tokenize + prefill, one LM step, one decoder block), so
-conversations share the models fairly, and a cancelled job stops within one unit. A job whose
-audio is far ahead of playback is skipped until the listener catches up, which bounds the
-memory a reply holds and the work wasted on an answer that gets interrupted.
+Sessions never touch torch. Each reply becomes a `Job`; each round the worker
+
+1. feeds the speech of turns still being spoken to the streaming speech tokenizer,
+2. starts new jobs (finish tokenizing the turn, build the prompt, prefill),
+3. samples the next id of every runnable job in one draw, streams text deltas, decodes audio
+   blocks that are complete, and
+4. advances all of them with ONE batched LM step.
+
+A cancelled job stops at the next check: between LM steps and between decoder blocks. A job
+whose audio is far ahead of playback sits out rounds until the listener catches up, which bounds
+the memory a reply holds and the work wasted on an answer that gets interrupted.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,21 +32,45 @@ from agent.engine import AudioChunk, ReplyEvent, StageTimings, TextDelta
 logger = logging.getLogger(__name__)
 
 AUDIO_TOKEN_S = 0.08  # one speech token is 80 ms of audio (12.5 tokens/s)
+USER_RATE = 16_000
+
+_job_ids = itertools.count(1)
+
+
+class TextStream(Protocol):
+    """Generated ids -> text deltas (see `models.lm.TextStreamDecoder`)."""
+
+    def push(self, token_id: int) -> str: ...
+    def flush(self) -> str: ...
 
 
 class SpeechBrain(Protocol):
     """What the worker needs from the loaded models (see `models.glm4voice.brain`)."""
 
     sample_rate: int
+    eager_blocks: bool  # decode a block as soon as it fills (else once the next code arrives)
+
+    def listen(self, listener: TurnListener, samples: np.ndarray) -> None:
+        """Tokenize more speech of a turn still being spoken (state in `listener.state`)."""
 
     def start_job(self, job: Job) -> None:
-        """Tokenize the user's turn, build and prefill the prompt; sets `job.lm_state`."""
+        """Tokenize the user's turn, build and prefill the prompt; sets `job.logits`."""
 
-    def next_token(self, job: Job) -> int:
-        """Sample the next id of `job` and advance its LM state."""
+    def sample(self, jobs: Sequence[Job]) -> list[int]:
+        """The next id of each job from its current logits."""
+        ...
+
+    def step(self, jobs: Sequence[Job], tokens: Sequence[int]) -> None:
+        """Append each job's id in one batched LM step; sets each `job.logits`."""
+
+    def release(self, job: Job) -> None:
+        """Free the LM state of a finished job."""
 
     def decode_audio(self, job: Job, codes: list[int], final: bool) -> np.ndarray:
         """Speech (float32 at `sample_rate`) for the next block of `codes` of `job`."""
+        ...
+
+    def text_stream(self) -> TextStream: ...
 
     def is_audio(self, token_id: int) -> bool: ...
 
@@ -60,6 +92,62 @@ class DecodeSchedule:
         return self.first_block if blocks_done == 0 else self.later_block
 
 
+class TurnListener:
+    """A user turn while it is spoken: audio pushed from the event loop, tokenized on the worker.
+
+    Audio is handed to the tokenizer only once it is `lag_samples` old, so the end of the
+    speech, which the endpointer may still cut off, is not tokenized before the turn is known.
+    """
+
+    def __init__(self, worker: ModelWorker, lag_samples: int) -> None:
+        self._worker = worker
+        self._lag = lag_samples
+        self._lock = threading.Lock()
+        self._audio = np.zeros(USER_RATE * 8, dtype=np.float32)
+        self._received = 0
+        self._fed = 0
+        self.queued = False  # guarded by the worker's lock
+        self.closed = False
+        self.state: Any = None  # the worker's streaming tokenizer for this turn
+        self.failed = False
+
+    @property
+    def received_samples(self) -> int:
+        return self._received
+
+    def push(self, samples: np.ndarray) -> None:
+        """Append 16 kHz mono float32 speech; never blocks on model work."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        with self._lock:
+            end = self._received + len(samples)
+            if end > len(self._audio):
+                grown = np.zeros(max(end, 2 * len(self._audio)), dtype=np.float32)
+                grown[: self._received] = self._audio[: self._received]
+                self._audio = grown
+            self._audio[self._received : end] = samples
+            self._received = end
+        if self._received - self._lag > self._fed:
+            self._worker.post(self)
+
+    def close(self) -> None:
+        """The speech was not answered: stop tokenizing it."""
+        self.closed = True
+        self.state = None
+
+    def take_ready(self) -> np.ndarray:
+        """(worker) Audio old enough to tokenize that was not handed over yet."""
+        with self._lock:
+            end = max(self._fed, self._received - self._lag)
+            ready = self._audio[self._fed : end].copy()
+            self._fed = end
+        return ready
+
+    def fed_audio(self) -> np.ndarray:
+        """(worker) Everything handed to the tokenizer so far."""
+        with self._lock:
+            return self._audio[: self._fed].copy()
+
+
 @dataclass
 class Job:
     """One reply in progress; everything here belongs to the worker thread once submitted."""
@@ -71,17 +159,19 @@ class Job:
     max_new_tokens: int
     max_ahead_s: float
     schedule: DecodeSchedule = field(default_factory=DecodeSchedule)
+    listener: TurnListener | None = None
+    key: int = field(default_factory=lambda: next(_job_ids))
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     timings: StageTimings = field(default_factory=StageTimings)
     # filled by the worker
     prompt: str = ""
-    lm_state: object = None
+    started: bool = False
+    logits: Any = None  # next-token logits [V]
     decoder_state: object = None
+    text: TextStream | None = None
     generated: list[int] = field(default_factory=list)
     pending_codes: list[int] = field(default_factory=list)
-    text_ids: list[int] = field(default_factory=list)
-    text_sent: str = ""
     blocks_done: int = 0
     audio_tokens_decoded: int = 0
     audio_samples_emitted: int = 0
@@ -92,16 +182,19 @@ class Job:
 
 
 class ModelWorker:
-    """Runs jobs round-robin on one thread; `submit` is safe from any thread."""
+    """Runs jobs on one thread, one batched LM step per round; `submit` is safe from any thread."""
 
     def __init__(self, brain: SpeechBrain, max_jobs: int = 64) -> None:
         self.brain = brain
         self._inbox: queue.Queue[Job] = queue.Queue(maxsize=max_jobs)
         self._active: list[Job] = []
+        self._listen_lock = threading.Lock()
+        self._listening: deque[TurnListener] = deque()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="glm4voice-worker", daemon=True)
-        self.steps = 0
+        self.steps = 0  # LM steps (one per round, whatever the batch size)
+        self.rounds_batch_sizes: deque[int] = deque(maxlen=1000)
 
     def start(self) -> None:
         self._thread.start()
@@ -118,6 +211,15 @@ class ModelWorker:
         self._inbox.put_nowait(job)
         self._wake.set()
 
+    def post(self, listener: TurnListener) -> None:
+        """Schedule tokenization of a listener's new audio (at most one entry per listener)."""
+        with self._listen_lock:
+            if listener.queued:
+                return
+            listener.queued = True
+            self._listening.append(listener)
+        self._wake.set()
+
     def wake(self) -> None:
         """Tell the worker that a job changed (cancelled, or its listener caught up)."""
         self._wake.set()
@@ -132,15 +234,16 @@ class ModelWorker:
         import torch
 
         logger.info("model worker started")
-        with torch.inference_mode():
-            while not self._stopping.is_set():
-                self._take_new_jobs()
-                if not self._round():
-                    self._wake.wait(timeout=0.05)
-                    self._wake.clear()
-        for job in self._active + self._drain_inbox():
-            self._finish(job, error=RuntimeError("the model worker stopped"))
-        logger.info("model worker stopped")
+        try:
+            with torch.inference_mode():
+                while not self._stopping.is_set():
+                    if not self._round():
+                        self._wake.wait(timeout=0.05)
+                        self._wake.clear()
+        finally:
+            for job in self._active + self._drain_inbox():
+                self._finish(job, error=RuntimeError("the model worker stopped"))
+            logger.info("model worker stopped")
 
     def _drain_inbox(self) -> list[Job]:
         jobs = []
@@ -150,31 +253,53 @@ class ModelWorker:
             except queue.Empty:
                 return jobs
 
-    def _take_new_jobs(self) -> None:
+    def _round(self) -> bool:
+        """Listen, start, then one step for every runnable job; False when nothing could run."""
+        worked = self._serve_listeners()
         for job in self._drain_inbox():
             job.started_at = time.perf_counter()
             self._active.append(job)
-
-    def _round(self) -> bool:
-        """One unit of work for every runnable job; False when nothing could run."""
-        worked = False
-        for job in list(self._active):
-            if job.cancelled.is_set():
-                self._finish(job)
-                continue
-            if job.lm_state is not None and self._too_far_ahead(job):
-                continue  # the listener is far behind: let playback catch up first
-            try:
-                self._advance(job)
-            except Exception as exc:  # one job's failure never stops the others
-                logger.exception("reply failed")
-                self._finish(job, error=exc)
-                continue
+        for job in [j for j in self._active if j.cancelled.is_set()]:
+            self._finish(job)
+        for job in [j for j in self._active if not j.started]:
             worked = True
-            self.steps += 1
-            if job.done:
-                self._finish(job)
+            self._guarded(job, self._start)
+        runnable = [j for j in self._active if j.started and not self._too_far_ahead(j)]
+        if runnable:
+            self._step(runnable)
+            worked = True
         return worked
+
+    def _serve_listeners(self) -> bool:
+        with self._listen_lock:
+            listeners = list(self._listening)
+            self._listening.clear()
+            for listener in listeners:
+                listener.queued = False
+        for listener in listeners:
+            samples = listener.take_ready()
+            if listener.closed or listener.failed or samples.size == 0:
+                continue
+            try:
+                self.brain.listen(listener, samples)
+            except Exception:
+                logger.exception("streaming speech tokenization failed; the turn is redone whole")
+                listener.failed = True
+                listener.state = None
+        return bool(listeners)
+
+    def _guarded(self, job: Job, work: Callable[[Job], None]) -> None:
+        """Run one unit of a job; a failure ends that job only."""
+        try:
+            work(job)
+        except Exception as exc:
+            logger.exception("reply failed")
+            self._finish(job, error=exc)
+
+    def _start(self, job: Job) -> None:
+        self.brain.start_job(job)
+        job.text = self.brain.text_stream()
+        job.started = True
 
     def _too_far_ahead(self, job: Job) -> bool:
         emitted_s = job.audio_samples_emitted / self.brain.sample_rate
@@ -183,51 +308,87 @@ class ModelWorker:
     def _finish(self, job: Job, error: BaseException | None = None) -> None:
         if job in self._active:
             self._active.remove(job)
-        job.lm_state = None
+        try:
+            self.brain.release(job)
+        except Exception:
+            logger.exception("releasing a reply's model state failed")
+        job.logits = None
         job.decoder_state = None
+        if job.listener is not None:
+            job.listener.close()
         if error is not None:
             job.emit(error)
         job.emit(None)
         job.finished.set()
 
-    # ------------------------------------------------------------------ one unit of work
+    # ------------------------------------------------------------------ one step
 
-    def _advance(self, job: Job) -> None:
-        if job.lm_state is None:
-            self.brain.start_job(job)
+    def _step(self, jobs: list[Job]) -> None:
+        try:
+            tokens = self.brain.sample(jobs)
+        except Exception as exc:
+            self._fail_all(jobs, exc)
             return
-        token = self.brain.next_token(job)
-        at_limit = len(job.generated) + 1 >= job.max_new_tokens
+        continuing: list[tuple[Job, int]] = []
+        for job, token in zip(jobs, tokens, strict=True):
+            if job.cancelled.is_set():
+                self._finish(job)
+                continue
+            self._guarded(job, lambda j, t=token: self._on_token(j, t))
+            if job.done:
+                self._finish(job)
+            elif job in self._active:
+                continuing.append((job, token))
+        if continuing:
+            self._advance([j for j, _ in continuing], [t for _, t in continuing])
+
+    def _advance(self, jobs: list[Job], tokens: list[int]) -> None:
+        try:
+            self.brain.step(jobs, tokens)
+        except Exception as exc:
+            self._fail_all(jobs, exc)
+            return
+        self.steps += 1
+        self.rounds_batch_sizes.append(len(jobs))
+
+    def _fail_all(self, jobs: list[Job], exc: Exception) -> None:
+        logger.exception("a batched model call failed; ending its %d replies", len(jobs))
+        for job in jobs:
+            self._finish(job, error=exc)
+
+    def _on_token(self, job: Job, token: int) -> None:
+        job.generated.append(token)
         if self.brain.is_stop(token):
-            job.generated.append(token)
             self._end_of_answer(job)
             return
-        job.generated.append(token)
         if self.brain.is_audio(token):
             self._on_audio_token(job, self.brain.audio_code(token))
         else:
-            self._on_text_token(job, token)
-        if at_limit:
+            self._emit_text(job, job.text.push(token) if job.text else "")
+        if len(job.generated) >= job.max_new_tokens:
             self._end_of_answer(job)
 
-    def _on_text_token(self, job: Job, token: int) -> None:
-        job.text_ids.append(token)
-        text = self.brain.decode_text(job.text_ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return
-        if text.startswith(job.text_sent) and len(text) > len(job.text_sent):
-            job.emit(TextDelta(text[len(job.text_sent) :]))
-            job.text_sent = text
+    def _emit_text(self, job: Job, text: str) -> None:
+        if text:
+            job.emit(TextDelta(text))
 
     def _on_audio_token(self, job: Job, code: int) -> None:
-        # A full block is decoded when the next audio token arrives, so the final block is
-        # never empty and the held-back crossfade tail is always flushed at the end.
-        if len(job.pending_codes) >= job.schedule.size(job.blocks_done):
+        size = job.schedule.size(job.blocks_done)
+        if self.brain.eager_blocks:
+            job.pending_codes.append(code)
+            if len(job.pending_codes) >= size:
+                self._decode_pending(job, final=False)
+            return
+        # Reference rule: a full block is decoded when the next audio token arrives, so the
+        # final block is never empty and the held-back cross-fade tail is flushed at the end.
+        if len(job.pending_codes) >= size:
             self._decode_pending(job, final=False)
         job.pending_codes.append(code)
 
     def _end_of_answer(self, job: Job) -> None:
-        if job.pending_codes:
+        if job.text is not None:
+            self._emit_text(job, job.text.flush())
+        if job.pending_codes or (self.brain.eager_blocks and job.blocks_done):
             self._decode_pending(job, final=True)
         job.done = True
 
