@@ -12,20 +12,47 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from agent.engine import AudioChunk, EngineError, HistoryItem, TextDelta, UserTurn
+from models.glm4voice.batching import KVCacheBatch, SerialBatch
+from models.glm4voice.brain import LoadOptions
 from models.glm4voice.engine import EngineOptions, GLM4VoiceEngine, history_prefix
-from models.glm4voice.worker import Job
+from models.glm4voice.tokens import TokenConstraints, TokenMasks, TokenPattern, sample_nucleus
+from models.glm4voice.worker import Job, ModelWorker
+from models.lm import LMStepper, build_random_lm
+from models.lm.configuration_lm import ChatGLMConfig
+from models.lm.tiny import tiny_config_dict
 
 AUDIO_OFFSET = 1000
 STOP = 999
 SAMPLES_PER_TOKEN = 1764  # 80 ms at 22.05 kHz
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matrices gain nothing from threads, and a busy machine makes them spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ScriptedText:
+    """Text deltas of the scripted ids (letters), skipping audio and stop ids."""
+
+    def push(self, token_id: int) -> str:
+        return chr(token_id) if token_id < STOP else ""
+
+    def flush(self) -> str:
+        return ""
+
+
 class ScriptedBrain:
     """Emits a fixed id sequence: 13 text ids (letters), 26 audio ids, repeated, then STOP."""
 
     sample_rate = 22050
+    block_tokens = None
 
     def __init__(self, rounds: int = 3, step_delay: float = 0.0, fail_at: int | None = None):
         self.script: list[int] = []
@@ -37,29 +64,44 @@ class ScriptedBrain:
         self.fail_at = fail_at
         self.decoded_blocks: list[tuple[list[int], bool]] = []
         self.prompts: list[str] = []
+        self.batch_sizes: list[int] = []
+        self.released: list[int] = []
+        self.heard: list[np.ndarray] = []
         self.steps = 0
         self.busy = threading.Event()
+
+    def listen(self, listener, samples: np.ndarray) -> None:
+        self.heard.append(samples)
 
     def start_job(self, job: Job) -> None:
         user = job.turn_text if job.turn_text is not None else f"<audio {len(job.turn_audio)}>"
         job.prompt = job.history_prefix + f"<|user|>\n{user}<|assistant|>streaming_transcription\n"
         self.prompts.append(job.prompt)
-        job.lm_state = 0
+        job.logits = 0  # the scripted "logits" are the position in the script
 
-    def next_token(self, job: Job) -> int:
+    def sample(self, jobs: list[Job]) -> list[int]:
+        return [self.script[job.logits] for job in jobs]
+
+    def step(self, jobs: list[Job], tokens: list[int]) -> None:
         self.busy.set()
         time.sleep(self.step_delay)
         self.steps += 1
+        self.batch_sizes.append(len(jobs))
         if self.fail_at is not None and self.steps >= self.fail_at:
             raise RuntimeError("boom")
-        index = job.lm_state
-        job.lm_state = index + 1
+        for job in jobs:
+            job.logits += 1
         self.busy.clear()
-        return self.script[index]
+
+    def release(self, job: Job) -> None:
+        self.released.append(job.key)
 
     def decode_audio(self, job: Job, codes: list[int], final: bool) -> np.ndarray:
         self.decoded_blocks.append((list(codes), final))
         return np.full(len(codes) * SAMPLES_PER_TOKEN, 0.1, dtype=np.float32)
+
+    def text_stream(self) -> ScriptedText:
+        return ScriptedText()
 
     def is_audio(self, token_id: int) -> bool:
         return token_id >= AUDIO_OFFSET
@@ -236,3 +278,306 @@ async def test_concurrent_replies_share_the_worker_fairly():
             sum(len(e.samples) for e in events if isinstance(e, AudioChunk))
             == 52 * SAMPLES_PER_TOKEN
         )
+
+
+async def test_concurrent_replies_are_stepped_as_one_batch_per_round():
+    brain = ScriptedBrain(rounds=2, step_delay=0.002)
+    engine = await _engine(brain)
+    try:
+        replies = [engine.respond(UserTurn(text=str(i)), []) for i in range(4)]
+        await asyncio.gather(*(_collect(r) for r in replies))
+    finally:
+        await engine.close()
+    assert max(brain.batch_sizes) == 4
+    # 4 replies of 79 ids each took about 79 batched steps, not 4 x 79.
+    assert len(brain.batch_sizes) < 2 * 79
+    assert sorted(brain.released) == sorted(r.job.key for r in replies)
+
+
+async def test_a_reply_waiting_for_its_listener_leaves_the_batch_while_others_go_on():
+    brain = ScriptedBrain(rounds=30)
+    engine = await _engine(brain, max_ahead_s=1.0)
+    try:
+        slow = engine.respond(UserTurn(text="slow"), [])
+        iterator = slow.__aiter__()
+        await iterator.__anext__()  # start reading, then stop: its audio piles up
+        fast = engine.respond(UserTurn(text="fast"), [])
+        events = await asyncio.wait_for(_collect(fast), 30)
+        assert sum(isinstance(e, AudioChunk) for e in events) > 5
+        assert len(slow.job.generated) < len(brain.script) // 4
+        await slow.cancel()
+    finally:
+        await engine.close()
+
+
+async def test_cancelling_one_reply_of_a_batch_lets_the_others_finish():
+    brain = ScriptedBrain(rounds=3, step_delay=0.002)
+    engine = await _engine(brain)
+    try:
+        doomed = engine.respond(UserTurn(text="a"), [])
+        kept = engine.respond(UserTurn(text="b"), [])
+        await doomed.cancel()
+        events = await asyncio.wait_for(_collect(kept), 30)
+    finally:
+        await engine.close()
+    assert sum(len(e.samples) for e in events if isinstance(e, AudioChunk)) == 78 * 1764
+    assert doomed.job.key in brain.released
+
+
+async def test_a_streaming_decoder_gets_its_blocks_as_soon_as_they_fill_and_a_final_flush():
+    brain = ScriptedBrain(rounds=1)
+    brain.block_tokens = 10
+    engine = await _engine(brain, first_block_tokens=10, later_block_tokens=20)
+    try:
+        reply = engine.respond(UserTurn(text="hi"), [])
+        await _collect(reply)
+    finally:
+        await engine.close()
+    assert [(len(c), final) for c, final in brain.decoded_blocks] == [
+        (10, False),
+        (10, False),
+        (6, True),
+    ]
+    # The first block was decoded on the 10th audio id, not on the 11th.
+    assert brain.decoded_blocks[0][0] == list(range(10))
+
+
+async def test_history_cut_follows_played_seconds_not_the_decoded_share():
+    """A decoder holds audio back, so the emitted audio covers fewer tokens than were decoded;
+    the heard tokens are played_s / 80 ms whatever was emitted."""
+    brain = ScriptedBrain(rounds=2)
+    engine = await _engine(brain, max_ahead_s=1000.0)
+    try:
+        reply = engine.respond(UserTurn(text="hi"), [])
+        await _collect(reply)
+        _, assistant = reply.history(10 * 0.08)
+    finally:
+        await engine.close()
+    assert assistant.interrupted
+    assert assistant.payload == brain.decode_text(brain.script[: 13 + 10])
+
+
+async def test_listener_feeds_only_audio_older_than_the_lag_and_stops_when_closed():
+    brain = ScriptedBrain(rounds=1)
+    engine = await _engine(brain, listen_lag_s=0.5)
+    try:
+        listener = engine.begin_turn()
+        for _ in range(100):  # 2 s in 20 ms pieces
+            listener.push(np.full(320, 0.01, dtype=np.float32))
+        await asyncio.sleep(0.2)
+        assert sum(len(a) for a in brain.heard) == 16_000 * 3 // 2
+        listener.close()
+        listener.push(np.zeros(16_000, dtype=np.float32))
+        await asyncio.sleep(0.2)
+        assert sum(len(a) for a in brain.heard) == 16_000 * 3 // 2
+    finally:
+        await engine.close()
+
+
+async def test_respond_refuses_a_listener_of_another_engine():
+    one, other = await _engine(ScriptedBrain()), await _engine(ScriptedBrain())
+    try:
+        with pytest.raises(ValueError):
+            one.respond(UserTurn(audio=np.zeros(160, np.float32)), [], other.begin_turn())
+    finally:
+        await one.close()
+        await other.close()
+
+
+def test_events_after_the_event_loop_closed_do_not_stop_the_worker():
+    brain = ScriptedBrain(rounds=5, step_delay=0.005)
+    engine = GLM4VoiceEngine(lambda: brain, EngineOptions())
+
+    async def abandon() -> None:
+        await engine.start()
+        engine.respond(UserTurn(text="hi"), [])  # never read, never cancelled
+        await asyncio.sleep(0.05)
+
+    asyncio.run(abandon())
+    time.sleep(0.3)  # the worker keeps emitting into the closed loop
+    assert engine.worker is not None and engine.worker._thread.is_alive()
+
+    async def again() -> list:
+        return await _collect(engine.respond(UserTurn(text="x"), []))
+
+    try:
+        events = asyncio.run(again())
+        assert any(isinstance(e, AudioChunk) for e in events)
+    finally:
+        asyncio.run(engine.close())
+
+
+# ----------------------------------------------------------------------------- real model parts
+
+
+def test_load_options_pick_float32_on_cpu_and_bfloat16_on_gpus():
+    assert LoadOptions(device="cpu").resolved_lm_dtype == torch.float32
+    assert LoadOptions(device="cuda:0").resolved_lm_dtype == torch.bfloat16
+    assert LoadOptions(device="cpu", lm_dtype=torch.bfloat16).resolved_lm_dtype == torch.bfloat16
+    with pytest.raises(ValueError):
+        LoadOptions(decoder_mode="fastest")  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def stepper() -> LMStepper:
+    config = ChatGLMConfig.from_dict(tiny_config_dict(padded_vocab_size=512))
+    return LMStepper(build_random_lm(config, dtype=torch.float32, seed=1))
+
+
+def _alone(stepper: LMStepper, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    logits, state = stepper.prefill(torch.tensor([prompt]))
+    rows = [logits[0]]
+    for token in tokens:
+        rows.append(stepper.decode(state, torch.tensor([token]))[0])
+    return torch.stack(rows)
+
+
+def test_batched_decoding_gives_each_sequence_the_logits_it_gets_alone(stepper):
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (5, 17, 9)]
+    tokens = [torch.randint(0, 500, (8,), generator=gen).tolist() for _ in prompts]
+    expected = [_alone(stepper, p, t) for p, t in zip(prompts, tokens, strict=True)]
+    batch = KVCacheBatch(stepper)
+    got: dict[str, list[torch.Tensor]] = {}
+    for key, prompt in zip("abc", prompts, strict=True):
+        got[key] = [batch.prefill(key, prompt)]
+    position = dict.fromkeys("abc", 0)
+    # Rows join, leave and come back: every membership change of a real server.
+    for keys in ["abc", "ab", "b", "bc", "cab", "ca", "c", "abc", "ab", "b", "ab", "a", "ac", "c"]:
+        keys = [k for k in keys if position[k] < 8]
+        if not keys:
+            continue
+        step_tokens = [tokens["abc".index(k)][position[k]] for k in keys]
+        logits = batch.step(keys, step_tokens)
+        for row, key in enumerate(keys):
+            got[key].append(logits[row])
+            position[key] += 1
+    for key, want in zip("abc", expected, strict=True):
+        torch.testing.assert_close(torch.stack(got[key]), want[: len(got[key])], atol=1e-5, rtol=0)
+    assert all(position[k] == 8 for k in "abc")
+
+
+def test_a_released_sequence_leaves_no_padding_behind(stepper):
+    batch = KVCacheBatch(stepper)
+    batch.prefill("long", list(range(40)))
+    batch.prefill("short", [1, 2, 3])
+    batch.step(["long", "short"], [5, 6])
+    batch.release("long")
+    logits = batch.step(["short"], [7])
+    torch.testing.assert_close(logits[0], _alone(stepper, [1, 2, 3], [6, 7])[-1], atol=1e-5, rtol=0)
+    assert batch.batch_keys == ["short"]
+    assert batch._batch is not None and batch._batch.length == 5
+
+
+def test_serial_batch_matches_the_kv_batch(stepper):
+    serial, batched = SerialBatch(stepper), KVCacheBatch(stepper)
+    for batch in (serial, batched):
+        batch.prefill(1, [3, 4, 5])
+        batch.prefill(2, [9, 8, 7, 6, 5, 4])
+    a = serial.step([1, 2], [10, 11])
+    b = batched.step([1, 2], [10, 11])
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+class TinyVocab:
+    """Ids 0-9 text, 10 special, 11 the turn end, 12-19 audio, 20-23 undefined padding."""
+
+    def is_special(self, token_id: int) -> bool:
+        return 10 <= token_id < 20
+
+    def is_audio(self, token_id: int) -> bool:
+        return 12 <= token_id < 20
+
+    def decode_bytes(self, ids) -> bytes:
+        if any(i >= 20 for i in ids):
+            raise ValueError("undefined id")
+        return b"x"
+
+    def turn_stop_ids(self) -> frozenset[int]:
+        return frozenset({11})
+
+
+def _allowed(masks: TokenMasks, phase) -> set[int]:
+    logits = masks.apply(torch.zeros(1, 24), [phase])
+    return {i for i in range(24) if logits[0, i] > float("-inf")}
+
+
+def test_masks_never_allow_ids_the_tokenizer_does_not_define():
+    masks = TokenMasks.build(TinyVocab(), 24, TokenConstraints())
+    assert _allowed(masks, "any") == set(range(20))
+    assert _allowed(masks, "text") == set(range(10)) | {11}
+    assert _allowed(masks, "audio") == set(range(12, 20)) | {11}
+    assert _allowed(masks, "stop") == {11}
+
+
+def test_allowed_text_ids_restrict_text_but_keep_audio_and_turn_end():
+    masks = TokenMasks.build(TinyVocab(), 24, TokenConstraints(allowed_text_ids=frozenset({2, 3})))
+    assert _allowed(masks, "text") == {2, 3, 11}
+    assert _allowed(masks, "any") == {2, 3, 10, 11} | set(range(12, 20))
+
+
+def test_token_pattern_interleaves_13_text_and_26_audio_and_may_end_anywhere():
+    pattern = TokenPattern()
+    phases = [pattern.phase(i) for i in range(80)]
+    assert phases[:13] == ["text"] * 13 and phases[13:39] == ["audio"] * 26
+    assert phases[39:52] == ["text"] * 13 and phases[52:78] == ["audio"] * 26
+
+
+def test_token_pattern_with_a_fixed_length_ends_exactly_there():
+    pattern = TokenPattern(stop_after=80)
+    phases = [pattern.phase(i) for i in range(82)]
+    assert phases[:13] == ["text_only"] * 13 and phases[13:39] == ["audio_only"] * 26
+    assert phases[78:80] == ["text_only"] * 2 and phases[80:] == ["stop"] * 2
+    masks = TokenMasks.build(TinyVocab(), 24, TokenConstraints(pattern=pattern))
+    assert _allowed(masks, "text_only") == set(range(10))
+    assert _allowed(masks, "audio_only") == set(range(12, 20))
+
+
+@pytest.mark.parametrize("candidates", [1, 2, 256])
+def test_nucleus_sampling_keeps_the_top_p_ids_with_their_renormalized_odds(candidates):
+    """The fast path (nucleus inside the candidates) and the full-sort fallback agree."""
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.03, 0.02])
+    logits = probs.log().repeat(4000, 1)  # one row per draw, so both paths run batched
+    ids = sample_nucleus(logits, 1.0, 0.75, torch.Generator().manual_seed(0), candidates)
+    assert set(ids.tolist()) == {0, 1}
+    assert (ids == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.03)
+
+
+def test_nucleus_sampling_at_temperature_zero_is_greedy():
+    logits = torch.tensor([[0.1, 3.0, 2.0], [5.0, 1.0, 0.0]])
+    assert sample_nucleus(logits, 0.0, 0.8).tolist() == [1, 0]
+
+
+def test_a_paused_reply_resumes_only_once_playback_is_a_margin_behind():
+    worker = ModelWorker(ScriptedBrain())
+    job = Job(None, "hi", "", lambda event: None, 100, max_ahead_s=8.0, resume_margin_s=2.0)
+
+    def ahead(seconds: float) -> bool:
+        job.audio_samples_emitted = round((job.consumed_s + seconds) * 22050)
+        return worker._too_far_ahead(job)
+
+    assert [ahead(s) for s in (7.9, 8.2, 7.0, 6.1, 5.9, 7.5, 8.1)] == [
+        False,  # under the limit
+        True,  # over it: paused
+        True,  # still paused: not a margin below the limit
+        True,
+        False,  # 2 s below: runs again
+        False,
+        True,
+    ]
+
+
+async def test_a_failed_batched_step_ends_the_replies_in_it_and_the_worker_serves_on():
+    brain = ScriptedBrain(rounds=2, step_delay=0.002, fail_at=20)
+    engine = await _engine(brain)
+    try:
+        replies = [engine.respond(UserTurn(text=str(i)), []) for i in range(2)]
+        for reply in replies:
+            with pytest.raises(EngineError, match="boom"):
+                await asyncio.wait_for(_collect(reply), 30)
+        brain.fail_at = None
+        events = await asyncio.wait_for(_collect(engine.respond(UserTurn(text="x"), [])), 30)
+    finally:
+        await engine.close()
+    assert sum(len(e.samples) for e in events if isinstance(e, AudioChunk)) == 52 * 1764
+    assert sorted(brain.released)[:2] == sorted(r.job.key for r in replies)

@@ -19,9 +19,9 @@ import torch
 from models.decoder import AudioDecoder, DecoderStream, StreamingConfig, StreamingDecoder
 from models.glm4voice.batching import KVCacheBatch, SequenceBatch
 from models.glm4voice.paths import ModelPaths
-from models.glm4voice.tokens import TokenConstraints, TokenMasks
+from models.glm4voice.tokens import TokenConstraints, TokenMasks, sample_nucleus
 from models.glm4voice.worker import Job, TextStream, TurnListener
-from models.lm import GLM4VoiceTokenizer, LMStepper, SamplingConfig, load_lm, sample_next
+from models.lm import GLM4VoiceTokenizer, LMStepper, SamplingConfig, load_lm
 from models.lm.loading import check_checkpoint
 from models.lm.prompt import audio_tokens_text, build_prompt
 from models.speech_tokenizer import SpeechTokenizer
@@ -67,12 +67,22 @@ class LoadOptions:
         return self.lm_dtype if self.lm_dtype is not None else default_lm_dtype(self.device)
 
 
+@dataclass
+class ListenStats:
+    """How user turns were tokenized (for tests, logs and benchmarks)."""
+
+    streamed_turns: int = 0  # finished from speech tokenized while it was spoken
+    whole_turns: int = 0  # tokenized in one go at the end
+    last_finish_blocks: int = 0  # 4 s blocks the end of the latest streamed turn encoded
+
+
 class ReplyDecoder:
     """Audio codes of one reply -> speech, with either decoder (state per reply)."""
 
     def __init__(self, decoder: AudioDecoder | StreamingDecoder) -> None:
         self.decoder = decoder
-        self.eager = isinstance(decoder, StreamingDecoder)
+        streams_blocks = isinstance(decoder, StreamingDecoder)
+        self.block_tokens = decoder.config.block_tokens if streams_blocks else None
 
     def new_stream(self) -> object:
         if isinstance(self.decoder, StreamingDecoder):
@@ -109,9 +119,10 @@ class GLM4VoiceBrain:
         self.masks = masks
         self.constraints = constraints or TokenConstraints()
         self.sample_rate = decoder.sample_rate
-        self.eager_blocks = self.reply_decoder.eager
+        self.block_tokens = self.reply_decoder.block_tokens
         self._stop_ids = frozenset(tokenizer.turn_stop_ids())
         self._generator = sampling.generator(device)
+        self.listen_stats = ListenStats()
 
     @classmethod
     def load(cls, paths: ModelPaths, options: LoadOptions) -> GLM4VoiceBrain:
@@ -179,13 +190,20 @@ class GLM4VoiceBrain:
         """The user's speech codes: finished from the listener when it heard this very audio."""
         audio = job.turn_audio
         assert audio is not None
-        listener = job.listener
-        if listener is not None and listener.state is not None:
-            fed = listener.fed_audio()
+        listener, job.listener = job.listener, None
+        state = listener.state if listener is not None else None
+        if listener is not None:
+            listener.close()  # whatever it hears from now on belongs to no turn
+        if state is not None:
+            fed = listener.fed_audio()  # type: ignore[union-attr]
             if len(fed) <= len(audio) and np.array_equal(audio[: len(fed)], fed):
-                listener.state.push(audio[len(fed) :])
-                return listener.state.finish()
+                state.push(audio[len(fed) :])
+                codes = state.finish()
+                self.listen_stats.streamed_turns += 1
+                self.listen_stats.last_finish_blocks = state.stats.last_finish_blocks
+                return codes
             logger.info("the turn's audio differs from what was heard: tokenizing it again")
+        self.listen_stats.whole_turns += 1
         return self.speech_tokenizer.tokenize(audio)
 
     # ------------------------------------------------------------------ units of work
@@ -215,7 +233,7 @@ class GLM4VoiceBrain:
         logits = torch.stack([job.logits for job in jobs])  # type: ignore[misc]  # (B, V)
         phases = [self.constraints.phase(len(job.generated)) for job in jobs]
         logits = self.masks.apply(logits, phases)
-        tokens = sample_next(
+        tokens = sample_nucleus(
             logits, self.sampling.temperature, self.sampling.top_p, self._generator
         )
         return [int(t) for t in tokens.tolist()]
@@ -243,4 +261,11 @@ def _load_decoder(paths: ModelPaths, options: LoadOptions) -> AudioDecoder | Str
     )
 
 
-__all__ = ["DecoderMode", "GLM4VoiceBrain", "LoadOptions", "ReplyDecoder", "default_lm_dtype"]
+__all__ = [
+    "DecoderMode",
+    "GLM4VoiceBrain",
+    "ListenStats",
+    "LoadOptions",
+    "ReplyDecoder",
+    "default_lm_dtype",
+]

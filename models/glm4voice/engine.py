@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agent.engine import (
+    USER_SAMPLE_RATE,
     AudioChunk,
     Engine,
     EngineError,
@@ -53,9 +54,13 @@ class EngineOptions:
     """Streaming policy of the engine (model placement lives in `brain.LoadOptions`)."""
 
     max_new_tokens: int = 2000
-    first_block_tokens: int = 10  # first audio after 10 speech tokens (0.8 s of speech)
+    # Block sizes of the reference decoder (the fast one streams its own 10-token blocks):
+    # first audio after 10 speech tokens (0.8 s of speech), as the original demo schedule.
+    first_block_tokens: int = 10
     later_block_tokens: int = 20
     max_ahead_s: float = 8.0  # stop generating a reply this far ahead of its playback
+    # ... and go on once it is this much less ahead (None: a quarter of max_ahead_s).
+    resume_margin_s: float | None = None
     max_jobs: int = 64
     # Speech reaches the streaming tokenizer this late, so that audio the endpointer later
     # trims off the end of a turn (its hangover) is never tokenized ahead of time.
@@ -65,9 +70,17 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.first_block_tokens < 1 or self.later_block_tokens < 1:
             raise ValueError("decoder block sizes must be >= 1 token")
+        if not 0 <= self.resume_margin < self.max_ahead_s:
+            raise ValueError("need 0 <= resume_margin_s < max_ahead_s")
         object.__setattr__(
             self, "schedule", DecodeSchedule(self.first_block_tokens, self.later_block_tokens)
         )
+
+    @property
+    def resume_margin(self) -> float:
+        if self.resume_margin_s is None:
+            return self.max_ahead_s / 4
+        return self.resume_margin_s
 
 
 def history_prefix(history: Sequence[HistoryItem]) -> str:
@@ -113,6 +126,9 @@ class GLM4VoiceReply(Reply):
         self._events: asyncio.Queue[ReplyEvent | BaseException | None] = asyncio.Queue()
         self._audio_s = 0.0
         options = engine.options
+        if listener is not None and turn.audio is None:
+            listener.close()  # a typed turn: the speech heard is not part of it
+            listener = None
         self._job = Job(
             turn_audio=turn.audio,
             turn_text=turn.text,
@@ -120,8 +136,9 @@ class GLM4VoiceReply(Reply):
             emit=self._emit_threadsafe,
             max_new_tokens=options.max_new_tokens,
             max_ahead_s=options.max_ahead_s,
+            resume_margin_s=options.resume_margin,
             schedule=options.schedule,
-            listener=listener if turn.audio is not None else None,
+            listener=listener,
         )
         self.timings: StageTimings = self._job.timings
         self._turn = turn
@@ -149,18 +166,24 @@ class GLM4VoiceReply(Reply):
 
     async def _iterate(self) -> AsyncIterator[ReplyEvent]:
         while True:
+            self._consumed()
             event = await self._events.get()
             if event is None:
                 return
             if isinstance(event, BaseException):
                 raise EngineError(f"the voice model failed: {event}") from event
             if isinstance(event, AudioChunk):
-                # The consumer takes chunks at playback pace: let the worker know how far the
-                # listener has got, so it never runs more than max_ahead_s ahead.
                 self._audio_s += event.duration_s
-                self._job.consumed_s = max(0.0, self._audio_s - event.duration_s)
-                self._engine.require_worker().wake()
             yield event
+
+    def _consumed(self) -> None:
+        """The consumer asks for more: every chunk it took so far went to playback, which it
+        feeds at playback pace. The worker stays at most max_ahead_s ahead of that."""
+        if self._audio_s > self._job.consumed_s:
+            self._job.consumed_s = self._audio_s
+            worker = self._engine.worker
+            if worker is not None:
+                worker.wake()
 
     def __aiter__(self) -> AsyncIterator[ReplyEvent]:
         return self._iterate()
@@ -263,10 +286,14 @@ class GLM4VoiceEngine(Engine):
     def begin_turn(self) -> TurnListener:
         """Start hearing a user turn: push its 16 kHz audio as it arrives, then pass the
         listener to `respond` with the finished turn (or `close()` it if there is none)."""
-        lag = round(self.options.listen_lag_s * 16_000)
+        lag = round(self.options.listen_lag_s * USER_SAMPLE_RATE)
         listener = TurnListener(self.require_worker(), lag)
         self._listeners.add(listener)
         return listener
+
+    def listen(self) -> TurnListener:
+        """The engine-interface name of `begin_turn` (see `TurnListener`)."""
+        return self.begin_turn()
 
     def respond(
         self,
@@ -280,6 +307,8 @@ class GLM4VoiceEngine(Engine):
         otherwise the turn is tokenized whole, so a mismatch costs time, never correctness.
         """
         self._require_brain()
+        if listener is None:
+            listener = getattr(turn, "listener", None)  # a turn may carry its own
         if listener is not None and listener not in self._listeners:
             raise ValueError("the listener was not made by this engine")
         return GLM4VoiceReply(self, turn, history, listener)

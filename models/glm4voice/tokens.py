@@ -20,14 +20,27 @@ from typing import Literal, Protocol
 
 import torch
 
-Phase = Literal["any", "text", "audio", "stop"]
-_PHASE_ROWS: dict[Phase, int] = {"any": 0, "text": 1, "audio": 2, "stop": 3}
+from models.lm import sample_next
+
+# "text"/"audio": that class or a turn end; "text_only"/"audio_only": that class alone.
+Phase = Literal["any", "text", "audio", "stop", "text_only", "audio_only"]
+_PHASE_ROWS: dict[Phase, int] = {
+    "any": 0,
+    "text": 1,
+    "audio": 2,
+    "stop": 3,
+    "text_only": 4,
+    "audio_only": 5,
+}
 
 
 @dataclass(frozen=True)
 class TokenPattern:
-    """`text_tokens` text ids, then `audio_tokens` audio ids, repeating; the turn-end ids are
-    allowed at every position and forced from position `stop_after` on (None: never forced)."""
+    """`text_tokens` text ids, then `audio_tokens` audio ids, repeating.
+
+    With `stop_after` None the model may end its turn anywhere; otherwise every answer is
+    exactly `stop_after` ids long plus the turn end (fixed lengths for tests and benchmarks).
+    """
 
     text_tokens: int = 13
     audio_tokens: int = 26
@@ -44,7 +57,10 @@ class TokenPattern:
         if self.stop_after is not None and position >= self.stop_after:
             return "stop"
         cycle = self.text_tokens + self.audio_tokens
-        return "text" if position % cycle < self.text_tokens else "audio"
+        text = position % cycle < self.text_tokens
+        if self.stop_after is None:
+            return "text" if text else "audio"
+        return "text_only" if text else "audio_only"
 
 
 @dataclass(frozen=True)
@@ -76,7 +92,7 @@ def _defined(vocab: Vocabulary, token_id: int) -> bool:
 
 
 class TokenMasks:
-    """Boolean masks [4, V] of allowed ids per phase (any, text, audio, stop), on one device."""
+    """Boolean masks [6, V] of allowed ids per `Phase`, on one device."""
 
     def __init__(self, table: torch.Tensor) -> None:
         self.table = table
@@ -109,7 +125,7 @@ class TokenMasks:
             allowed[[i for i in constraints.allowed_text_ids if 0 <= i < rows]] = True
             text &= allowed
         any_id = text | audio | special | stop
-        table = torch.stack([any_id, text | stop, audio | stop, stop])  # (4, V)
+        table = torch.stack([any_id, text | stop, audio | stop, stop, text, audio])  # (6, V)
         return cls(table.to(device))
 
     def apply(self, logits: torch.Tensor, phases: Sequence[Phase]) -> torch.Tensor:
@@ -119,4 +135,37 @@ class TokenMasks:
         return logits.masked_fill(~allowed, float("-inf"))
 
 
-__all__ = ["Phase", "TokenConstraints", "TokenMasks", "TokenPattern"]
+NUCLEUS_CANDIDATES = 256  # ids searched first for the top-p nucleus
+
+
+def sample_nucleus(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None = None,
+    candidates: int = NUCLEUS_CANDIDATES,
+) -> torch.Tensor:
+    """Next ids [B] from logits [B, V] with temperature and top-p, like `sample_next`, without
+    sorting the whole vocabulary.
+
+    The nucleus (ids in decreasing probability while the mass before them is < top_p) lies
+    inside the `candidates` most likely ids whenever those hold at least top_p of the mass,
+    which is the rule at the demo's temperature 0.2; other rows take the full sort. Sorting
+    169k logits per row per step costs about 20 ms on a CPU core, the top-k below well under 1.
+    """
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = (logits.float() / temperature).softmax(dim=-1)  # (B, V)
+    top_probs, top_ids = probs.topk(min(candidates, probs.shape[-1]), dim=-1)  # descending
+    before = top_probs.cumsum(dim=-1) - top_probs  # mass of the more likely candidates
+    kept = torch.where(before < top_p, top_probs, torch.zeros_like(top_probs))
+    choice = torch.multinomial(kept, num_samples=1, generator=generator)  # (B, 1)
+    ids = top_ids.gather(-1, choice).squeeze(-1)
+    wide = top_probs.sum(dim=-1) < top_p  # the nucleus may reach beyond the candidates
+    if bool(wide.any()):
+        rows = wide.nonzero().squeeze(-1)
+        ids[rows] = sample_next(logits[rows], temperature, top_p, generator)
+    return ids
+
+
+__all__ = ["Phase", "TokenConstraints", "TokenMasks", "TokenPattern", "sample_nucleus"]

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 AUDIO_TOKEN_S = 0.08  # one speech token is 80 ms of audio (12.5 tokens/s)
 USER_RATE = 16_000
+MAX_LISTEN_S = 300.0  # speech a listener buffers; the rest of a longer turn waits for its end
 
 _job_ids = itertools.count(1)
 
@@ -48,7 +49,9 @@ class SpeechBrain(Protocol):
     """What the worker needs from the loaded models (see `models.glm4voice.brain`)."""
 
     sample_rate: int
-    eager_blocks: bool  # decode a block as soon as it fills (else once the next code arrives)
+    # The decoder's own block size when it streams blocks itself: each block is decoded as
+    # soon as it is full. None: the engine's `DecodeSchedule` and the reference's rule apply.
+    block_tokens: int | None
 
     def listen(self, listener: TurnListener, samples: np.ndarray) -> None:
         """Tokenize more speech of a turn still being spoken (state in `listener.state`)."""
@@ -118,8 +121,14 @@ class TurnListener:
     def push(self, samples: np.ndarray) -> None:
         """Append 16 kHz mono float32 speech; never blocks on model work."""
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if self.closed or self.failed:
+            return
         with self._lock:
             end = self._received + len(samples)
+            if end > MAX_LISTEN_S * USER_RATE:
+                logger.warning("a turn over %.0f s: its rest is tokenized at its end", MAX_LISTEN_S)
+                self.failed = True
+                return
             if end > len(self._audio):
                 grown = np.zeros(max(end, 2 * len(self._audio)), dtype=np.float32)
                 grown[: self._received] = self._audio[: self._received]
@@ -150,7 +159,12 @@ class TurnListener:
 
 @dataclass
 class Job:
-    """One reply in progress; everything here belongs to the worker thread once submitted."""
+    """One reply in progress; everything here belongs to the worker thread once submitted.
+
+    Stage timings (seconds): `speech_tokenizer` (what is left at the end of the turn),
+    `prefill`, `lm_until_first_block` (sampling until the first audio block is complete),
+    `first_decoder_block`, `decoder` (all blocks) and `first_audio` (job taken -> first chunk).
+    """
 
     turn_audio: np.ndarray | None
     turn_text: str | None
@@ -158,6 +172,7 @@ class Job:
     emit: Callable[[ReplyEvent | BaseException | None], None]
     max_new_tokens: int
     max_ahead_s: float
+    resume_margin_s: float = 0.0  # a paused job resumes below max_ahead_s - this
     schedule: DecodeSchedule = field(default_factory=DecodeSchedule)
     listener: TurnListener | None = None
     key: int = field(default_factory=lambda: next(_job_ids))
@@ -177,8 +192,10 @@ class Job:
     audio_samples_emitted: int = 0
     consumed_s: float = 0.0  # written by the consumer: seconds of audio handed to playback
     started_at: float = 0.0
+    decoding_since: float = 0.0  # when the prompt was prefilled and sampling began
     first_audio_at: float | None = None
     done: bool = False
+    paused: bool = False  # waiting for its listener to catch up
 
 
 class ModelWorker:
@@ -300,10 +317,16 @@ class ModelWorker:
         self.brain.start_job(job)
         job.text = self.brain.text_stream()
         job.started = True
+        job.decoding_since = time.perf_counter()
 
     def _too_far_ahead(self, job: Job) -> bool:
-        emitted_s = job.audio_samples_emitted / self.brain.sample_rate
-        return emitted_s - job.consumed_s > job.max_ahead_s
+        """Pause above max_ahead_s of unplayed audio, resume below max_ahead_s - margin: the
+        hysteresis makes a reply leave and rejoin the LM batch once per margin of audio, not
+        once per chunk played."""
+        ahead_s = job.audio_samples_emitted / self.brain.sample_rate - job.consumed_s
+        limit = job.max_ahead_s - job.resume_margin_s if job.paused else job.max_ahead_s
+        job.paused = ahead_s > limit
+        return job.paused
 
     def _finish(self, job: Job, error: BaseException | None = None) -> None:
         if job in self._active:
@@ -373,22 +396,21 @@ class ModelWorker:
             job.emit(TextDelta(text))
 
     def _on_audio_token(self, job: Job, code: int) -> None:
-        size = job.schedule.size(job.blocks_done)
-        if self.brain.eager_blocks:
+        if self.brain.block_tokens is not None:
             job.pending_codes.append(code)
-            if len(job.pending_codes) >= size:
+            if len(job.pending_codes) >= self.brain.block_tokens:
                 self._decode_pending(job, final=False)
             return
         # Reference rule: a full block is decoded when the next audio token arrives, so the
         # final block is never empty and the held-back cross-fade tail is flushed at the end.
-        if len(job.pending_codes) >= size:
+        if len(job.pending_codes) >= job.schedule.size(job.blocks_done):
             self._decode_pending(job, final=False)
         job.pending_codes.append(code)
 
     def _end_of_answer(self, job: Job) -> None:
         if job.text is not None:
             self._emit_text(job, job.text.flush())
-        if job.pending_codes or (self.brain.eager_blocks and job.blocks_done):
+        if job.pending_codes or (self.brain.block_tokens is not None and job.blocks_done):
             self._decode_pending(job, final=True)
         job.done = True
 
@@ -396,7 +418,11 @@ class ModelWorker:
         codes, job.pending_codes = job.pending_codes, []
         started = time.perf_counter()
         speech = self.brain.decode_audio(job, codes, final)
-        job.timings.add("decoder", time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        job.timings.add("decoder", elapsed)
+        if job.blocks_done == 0:
+            job.timings.add("lm_until_first_block", started - job.decoding_since)
+            job.timings.add("first_decoder_block", elapsed)
         job.blocks_done += 1
         job.audio_tokens_decoded += len(codes)
         if speech.size == 0:

@@ -1,0 +1,371 @@
+"""The GLM-4-Voice engine end to end on the tiny random-weight model set.
+
+The models are the real code paths (speech tokenizer, LM with KV-cache batching, streaming or
+reference decoder), loaded from the official file layouts written by `make_tiny`. Random weights
+never follow the 13 text : 26 audio layout nor end a turn, so the engine is loaded with a
+`TokenPattern` that forces it (and an allowed-text-ids mask for readable text): the decoder,
+the played-out history cut and the turn end are exercised for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+import torch
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from agent.engine import AudioChunk, TextDelta, UserTurn
+from agent.session import SessionConfig
+from audio_dsp import EndpointerConfig, to_mono_float32
+from models.decoder import AudioDecoder, StreamingDecoder
+from models.glm4voice import GLM4VoiceEngine, ModelPaths, load_engine
+from models.glm4voice.brain import LoadOptions
+from models.glm4voice.engine import EngineOptions
+from models.glm4voice.tokens import TokenConstraints, TokenPattern
+from models.lm import GLM4VoiceTokenizer, SamplingConfig, audio_tokens_text, build_prompt
+from models.make_tiny import write_tiny_model_set
+from models.speech_tokenizer import SpeechTokenizer
+from signaling import REGISTRY_KEY, ServerConfig, create_app
+from tests.fakes import MicTrack, wait_until
+
+ANSWER_IDS = 13 + 26 + 13 + 10  # two text runs, 36 audio ids (2.88 s of speech), then the end
+WORDS = "hello how are you the weather is today and it is"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matrices gain nothing from threads, and a busy machine makes them spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> ModelPaths:
+    return write_tiny_model_set(tmp_path_factory.mktemp("tiny_glm4voice"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_paths: ModelPaths) -> GLM4VoiceTokenizer:
+    return GLM4VoiceTokenizer.from_dir(tiny_paths.lm)
+
+
+def _load_options(
+    tokenizer: GLM4VoiceTokenizer, decoder_mode: str = "fast", answer_ids: int = ANSWER_IDS
+) -> LoadOptions:
+    words = frozenset(tokenizer.encode(WORDS, add_prefix=False))
+    constraints = TokenConstraints(words, TokenPattern(stop_after=answer_ids))
+    return LoadOptions(
+        decoder_mode=decoder_mode,  # type: ignore[arg-type]
+        sampling=SamplingConfig(seed=0),
+        constraints=constraints,
+    )
+
+
+async def _started(
+    paths: ModelPaths, tokenizer: GLM4VoiceTokenizer, decoder_mode: str = "fast", **options
+) -> GLM4VoiceEngine:
+    load = _load_options(tokenizer, decoder_mode, options.pop("answer_ids", ANSWER_IDS))
+    engine = load_engine(paths, load, EngineOptions(**options))
+    await engine.start()
+    return engine
+
+
+def _speech(seconds: float, seed: int = 0) -> np.ndarray:
+    """Modulated tones and noise standing in for speech (the tokenizer has random weights).
+
+    The loudest moment comes first: the log-mel floor of the tokenizer's features is then
+    known from the start, and streamed blocks are final as soon as they are encoded.
+    """
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    voiced = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))
+    voiced[:4000] = 0.95 * np.sin(2 * np.pi * 1000 * t[:4000])
+    return (voiced + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+async def _collect(reply) -> list:
+    return [event async for event in reply]
+
+
+async def _first_audio(reply) -> AudioChunk:
+    async for event in reply:
+        if isinstance(event, AudioChunk):
+            return event
+    raise AssertionError("the reply ended without audio")
+
+
+def _audio(events: list) -> np.ndarray:
+    chunks = [e.samples for e in events if isinstance(e, AudioChunk)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+
+def _codes(tokenizer: GLM4VoiceTokenizer, ids: list[int]) -> list[int]:
+    return [tokenizer.audio_code(t) for t in ids if tokenizer.is_audio(t)]
+
+
+def _check_events(events: list, tokenizer: GLM4VoiceTokenizer, generated: list[int]) -> None:
+    for event in events:
+        assert isinstance(event, TextDelta | AudioChunk)
+        if isinstance(event, AudioChunk):
+            assert event.sample_rate == 22_050 and event.samples.dtype == np.float32
+            assert event.samples.ndim == 1 and np.isfinite(event.samples).all()
+            assert np.abs(event.samples).max() <= 1.0
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert text == tokenizer.decode([t for t in generated if not tokenizer.is_special(t)])
+    assert generated[-1] in tokenizer.turn_stop_ids()
+
+
+# ----------------------------------------------------------------------------- engine alone
+
+
+async def test_audio_turn_then_text_turn_extend_one_prompt_and_stream_the_answer(
+    tiny_paths, tokenizer
+):
+    speech = _speech(2.0)
+    engine = await _started(tiny_paths, tokenizer)
+    try:
+        first = engine.respond(UserTurn(audio=speech), [])
+        first_events = await _collect(first)
+        history = first.history(None)
+        second = engine.respond(UserTurn(text="how are you"), history)
+        second_events = await _collect(second)
+        second_history = second.history(None)
+    finally:
+        await engine.close()
+
+    codes = SpeechTokenizer.from_pretrained(tiny_paths.tokenizer).tokenize(speech)
+    user, assistant = history
+    assert user.payload == build_prompt("", audio_tokens_text(codes), "audio")
+    assert assistant.payload == tokenizer.decode(first.job.generated[:-1])
+    assert not assistant.interrupted and assistant.text
+    assert second_history[0].payload == build_prompt(
+        user.payload + assistant.payload, "how are you", "text"
+    )
+    assert second_history[0].payload.startswith(user.payload + assistant.payload)
+    for reply, events in ((first, first_events), (second, second_events)):
+        generated = reply.job.generated
+        assert len(generated) == ANSWER_IDS + 1
+        _check_events(events, tokenizer, generated)
+        audio = _audio(events)
+        decoded, _ = StreamingDecoder.from_pretrained(tiny_paths.decoder).decode(
+            torch.tensor([_codes(tokenizer, generated)])
+        )
+        np.testing.assert_allclose(audio, decoded[0].numpy(), atol=1e-5)
+        assert len(audio) / 22_050 == pytest.approx(36 * 0.08, abs=0.05)
+    stages = {"speech_tokenizer", "prefill", "lm_until_first_block", "first_decoder_block"}
+    assert stages | {"decoder", "first_audio"} <= set(first.timings.stages)
+
+
+async def test_reference_decoder_mode_decodes_exactly_as_the_reference_decoder(
+    tiny_paths, tokenizer
+):
+    engine = await _started(tiny_paths, tokenizer, decoder_mode="reference")
+    try:
+        reply = engine.respond(UserTurn(text="hello"), [])
+        events = await _collect(reply)
+    finally:
+        await engine.close()
+    codes = _codes(tokenizer, reply.job.generated)
+    reference = AudioDecoder.from_pretrained(tiny_paths.decoder)
+    blocks = list(reference.iter_blocks(torch.tensor([codes]), (10, 20)))
+    chunks = [e.samples for e in events if isinstance(e, AudioChunk)]
+    assert len(chunks) == len(blocks) == 3  # 36 codes: 10, 20, then the final 6
+    for chunk, block in zip(chunks, blocks, strict=True):
+        np.testing.assert_allclose(chunk, block[0].numpy(), atol=1e-5)
+
+
+async def test_cancel_mid_turn_frees_the_worker_within_one_step(tiny_paths, tokenizer):
+    engine = await _started(tiny_paths, tokenizer, answer_ids=5000, max_ahead_s=1000.0)
+    try:
+        reply = engine.respond(UserTurn(text="hello"), [])
+        await _first_audio(reply)
+        worker = engine.require_worker()
+        steps_at_cancel = worker.steps
+        await reply.cancel()
+        steps_after = worker.steps
+        await asyncio.sleep(0.2)
+        assert worker.steps == steps_after  # nothing runs for the cancelled reply
+        assert steps_after - steps_at_cancel <= 1
+        assert reply.history(0.5)[1].interrupted
+        # The worker is free: the next reply gets to its first audio and can be cancelled too.
+        again = engine.respond(UserTurn(text="hi"), [])
+        first = await asyncio.wait_for(_first_audio(again), 60)
+        assert first.samples.size > 0
+        await again.cancel()
+    finally:
+        await engine.close()
+
+
+async def test_speech_tokenized_while_spoken_leaves_one_block_for_the_end_of_the_turn(
+    tiny_paths, tokenizer
+):
+    speech = _speech(10.0, seed=1)
+    engine = await _started(tiny_paths, tokenizer)
+    try:
+        listener = engine.begin_turn()
+        for start in range(0, len(speech), 320):  # 20 ms frames, as a session receives them
+            listener.push(speech[start : start + 320])
+            if start % 16_000 == 0:
+                await asyncio.sleep(0.02)  # let the worker catch up, as in real time
+        await wait_until(lambda: listener.state is not None, within=10)
+        reply = engine.respond(UserTurn(audio=speech), [], listener)
+        await _collect(reply)
+        user = reply.history(None)[0]
+        stats = engine.brain.listen_stats
+    finally:
+        await engine.close()
+    codes = SpeechTokenizer.from_pretrained(tiny_paths.tokenizer).tokenize(speech)
+    assert user.payload == build_prompt("", audio_tokens_text(codes), "audio")
+    assert stats.streamed_turns == 1 and stats.whole_turns == 0
+    assert stats.last_finish_blocks == 1  # 10 s = blocks of 4 + 4 + 2 s: only the last one left
+
+
+async def test_a_listener_that_heard_other_audio_falls_back_to_whole_tokenization(
+    tiny_paths, tokenizer
+):
+    speech = _speech(6.0, seed=2)
+    engine = await _started(tiny_paths, tokenizer, listen_lag_s=0.0)
+    try:
+        listener = engine.begin_turn()
+        listener.push(_speech(6.0, seed=3))
+        await wait_until(lambda: listener.state is not None, within=10)
+        reply = engine.respond(UserTurn(audio=speech), [], listener)
+        await _collect(reply)
+        user = reply.history(None)[0]
+        stats = engine.brain.listen_stats
+    finally:
+        await engine.close()
+    codes = SpeechTokenizer.from_pretrained(tiny_paths.tokenizer).tokenize(speech)
+    assert user.payload == build_prompt("", audio_tokens_text(codes), "audio")
+    assert stats.whole_turns == 1 and stats.streamed_turns == 0
+
+
+async def test_concurrent_replies_share_batched_steps_and_get_their_own_answers(
+    tiny_paths, tokenizer
+):
+    engine = await _started(tiny_paths, tokenizer)
+    try:
+        replies = [engine.respond(UserTurn(text=f"hello {i}"), []) for i in range(3)]
+        results = await asyncio.gather(*(_collect(r) for r in replies))
+        sizes = list(engine.require_worker().rounds_batch_sizes)
+    finally:
+        await engine.close()
+    assert max(sizes) == 3
+    for reply, events in zip(replies, results, strict=True):
+        _check_events(events, tokenizer, reply.job.generated)
+        assert len(_audio(events)) / 22_050 == pytest.approx(36 * 0.08, abs=0.05)
+
+
+# ----------------------------------------------------------------------------- over WebRTC
+
+
+@dataclass
+class Call:
+    """The client side of one call."""
+
+    pc: RTCPeerConnection
+    mic: MicTrack
+    channel: object
+    messages: list[tuple[float, dict]] = field(default_factory=list)
+    audio_frames: list[tuple[float, float]] = field(default_factory=list)  # (arrival, peak)
+    reader: asyncio.Task[None] | None = None
+
+    def of_type(self, type_: str) -> list[dict]:
+        return [m for _, m in self.messages if m["type"] == type_]
+
+    def states(self) -> list[str]:
+        return [m["state"] for m in self.of_type("state")]
+
+    def send(self, **message: object) -> None:
+        self.channel.send(json.dumps(message))  # type: ignore[attr-defined]
+
+    async def hang_up(self) -> None:
+        self.mic.stop()
+        if self.reader is not None:
+            self.reader.cancel()
+            await asyncio.gather(self.reader, return_exceptions=True)
+        await self.pc.close()
+
+
+async def _record(call: Call, track: MediaStreamTrack) -> None:
+    try:
+        while True:
+            frame = await track.recv()
+            mono = to_mono_float32(frame.to_ndarray(), len(frame.layout.channels))
+            call.audio_frames.append((time.monotonic(), float(np.abs(mono).max())))
+    except MediaStreamError:
+        return
+
+
+async def _dial(base_url: str) -> Call:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    mic = MicTrack()
+    pc.addTrack(mic)
+    channel = pc.createDataChannel("events")
+    call = Call(pc, mic, channel)
+    channel.on("message", lambda raw: call.messages.append((time.monotonic(), json.loads(raw))))
+
+    @pc.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        call.reader = asyncio.create_task(_record(call, track))
+
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+    async with aiohttp.ClientSession() as http, http.post(f"{base_url}/offer", json=offer) as resp:
+        assert resp.status == 200, await resp.text()
+        answer = await resp.json()
+    await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
+    await wait_until(lambda: channel.readyState == "open" and call.states() == ["listening"])
+    return call
+
+
+@pytest.mark.slow
+async def test_webrtc_conversation_holds_two_turns_and_can_be_interrupted(
+    tiny_paths, tokenizer, tmp_path: Path
+):
+    engine = await _started(tiny_paths, tokenizer)
+    session = SessionConfig(EndpointerConfig(hangover_ms=600))
+    runner = web.AppRunner(create_app(engine, ServerConfig(static_dir=tmp_path, session=session)))
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        app = runner.app
+        call = await _dial(f"http://{host}:{port}")
+        try:
+            call.send(type="text", text="hello")
+            await wait_until(lambda: call.states()[-2:] == ["speaking", "listening"], within=30)
+            heard = [t for t, peak in call.audio_frames if peak > 1e-4]
+            assert heard, "the answer's audio never reached the client"
+
+            call.send(type="text", text="how are you")
+            await wait_until(lambda: call.states()[-1] == "speaking", within=30)
+            await asyncio.sleep(0.5)
+            call.send(type="interrupt")
+            await wait_until(lambda: call.of_type("flush"), within=5)
+            await wait_until(lambda: call.states()[-1] == "listening", within=5)
+
+            turns = app[REGISTRY_KEY].connections()[0].session.turns
+            user1, answer1, user2, answer2 = turns.history
+            assert not answer1.interrupted and answer2.interrupted
+            assert user2.payload.startswith(user1.payload + answer1.payload)
+            assert 0 < answer2.payload.count("<|audio_") < 36  # cut to what was played
+            assert "hello" in user1.payload and "how are you" in user2.payload
+        finally:
+            await call.hang_up()
+        await wait_until(lambda: len(app[REGISTRY_KEY]) == 0, within=10)
+    finally:
+        await runner.cleanup()
+        await engine.close()
