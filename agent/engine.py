@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -26,12 +26,31 @@ USER_SAMPLE_RATE = 16_000  # every user turn reaches an engine as 16 kHz mono fl
 Role = Literal["user", "assistant"]
 
 
+class TurnListener(Protocol):
+    """An engine's ear on a user turn while it is still being spoken.
+
+    Engines that can work on speech as it arrives (e.g. tokenize it block by block) hand one
+    out from `Engine.listen()`; the session pushes the turn's audio into it as it is heard and
+    passes it along with the finished turn, so less work is left when the user stops talking.
+    """
+
+    def push(self, samples: np.ndarray) -> None:
+        """16 kHz mono float32, in order, from the turn's first sample; never blocks."""
+
+    def close(self) -> None:
+        """The speech will not be answered: free what the listener holds."""
+
+
 @dataclass(frozen=True)
 class UserTurn:
-    """One finished user turn: speech (16 kHz mono float32 in [-1, 1]) or typed text."""
+    """One finished user turn: speech (16 kHz mono float32 in [-1, 1]) or typed text.
+
+    `listener` is the engine's `TurnListener` that heard this speech as it was spoken, if any.
+    """
 
     audio: np.ndarray | None = None
     text: str | None = None
+    listener: TurnListener | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.audio is None) == (self.text is None):
@@ -138,6 +157,10 @@ class Engine(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release workers and memory."""
 
+    def listen(self) -> TurnListener | None:
+        """Start hearing a user turn as it is spoken (None: this engine takes whole turns)."""
+        return None
+
     @abc.abstractmethod
     def respond(self, turn: UserTurn, history: Sequence[HistoryItem]) -> Reply:
         """Start answering `turn` given `history`; returns at once."""
@@ -160,6 +183,7 @@ __all__ = [
     "ReplyEvent",
     "StageTimings",
     "TextDelta",
+    "TurnListener",
     "UserTranscript",
     "UserTurn",
     "played_fraction",
