@@ -2,9 +2,13 @@
 
     python run_agent.py                       # http://127.0.0.1:8080, engine chosen automatically
     python run_agent.py --engine offline --host 0.0.0.0 --cert-file c.pem --key-file k.pem
+    VOICE_AGENT_TOKEN_SECRET=... python run_agent.py --audit-log audit.jsonl --log-format json
 
 Browsers allow the microphone only on localhost or over HTTPS: serve with a certificate when
 callers connect from another machine, and give them a TURN server when they sit behind NAT.
+Secrets may come from the environment instead of the command line (which `ps` shows):
+VOICE_AGENT_AUTH_TOKEN, VOICE_AGENT_TOKEN_SECRET, VOICE_AGENT_METRICS_TOKEN.
+See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -22,8 +27,10 @@ from pathlib import Path
 from aiohttp import web
 
 from agent.engine import Engine
+from agent.metrics import is_out_of_memory
 from agent.session import EchoCanceller
-from signaling import ServerConfig, create_app, ice_servers_from_urls
+from signaling import AuthConfig, ServerConfig, create_app, ice_servers_from_urls
+from signaling.logs import LOG_FORMATS, configure_logging
 
 log = logging.getLogger("run_agent")
 
@@ -71,12 +78,87 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help="server-side echo cancellation per session (browsers cancel echo themselves)",
     )
-    p.add_argument("--max-sessions", type=int, default=ServerConfig.max_sessions)
+    _add_limit_args(p)
+    _add_access_args(p)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument(
+        "--log-format", default="text", choices=LOG_FORMATS, help="json: one object a line"
+    )
+    p.add_argument("--audit-log", type=Path, metavar="PATH", help="append session records (JSON)")
     args = p.parse_args(argv)
     if (args.cert_file is None) != (args.key_file is None):
         p.error("--cert-file and --key-file go together")
+    if args.token_secret is not None and len(args.token_secret.encode()) < 16:
+        p.error("--token-secret must be at least 16 bytes")
     return args
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    d = ServerConfig
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions, help="concurrent calls")
+    p.add_argument(
+        "--busy-retry-after",
+        type=float,
+        default=d.busy_retry_after_s,
+        metavar="S",
+        help="Retry-After sent with 503 at the session limit",
+    )
+    p.add_argument(
+        "--max-body-kb", type=int, default=d.max_body_bytes // 1024, help="largest request body"
+    )
+    p.add_argument(
+        "--offer-rate",
+        type=float,
+        default=d.offer_rate_per_minute,
+        metavar="N",
+        help="offers a minute per client address (429 beyond)",
+    )
+    p.add_argument("--offer-burst", type=int, default=d.offer_burst, help="offers at once")
+    p.add_argument(
+        "--trust-forwarded-for",
+        action="store_true",
+        help="rate-limit by the last X-Forwarded-For entry (only behind your own proxy)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=d.idle_timeout_s,
+        metavar="S",
+        help="end a call with no inbound audio or messages for S seconds (0: never)",
+    )
+    p.add_argument(
+        "--max-call-minutes",
+        type=float,
+        default=d.max_duration_s / 60,
+        metavar="M",
+        help="end every call after M minutes (0: never)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=d.connect_timeout_s,
+        metavar="S",
+        help=argparse.SUPPRESS,
+    )
+
+
+def _add_access_args(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument(
+        "--auth-token",
+        default=env("VOICE_AGENT_AUTH_TOKEN"),
+        help="static bearer token required by /offer, /config and /metrics",
+    )
+    p.add_argument(
+        "--token-secret",
+        default=env("VOICE_AGENT_TOKEN_SECRET"),
+        help="secret for signed session tokens (python -m signaling.tokens mint ...)",
+    )
+    p.add_argument(
+        "--metrics-token",
+        default=env("VOICE_AGENT_METRICS_TOKEN"),
+        help="separate bearer token for /metrics",
+    )
 
 
 def glm4voice_weights_missing(model_dir: Path) -> list[str]:
@@ -154,9 +236,19 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     ice = ice_servers_from_urls(args.ice_server, args.ice_username, args.ice_credential)
     return ServerConfig(
         ice_servers=ice,
+        max_body_bytes=args.max_body_kb * 1024,
         max_sessions=args.max_sessions,
+        busy_retry_after_s=args.busy_retry_after,
+        connect_timeout_s=args.connect_timeout,
+        offer_rate_per_minute=args.offer_rate,
+        offer_burst=args.offer_burst,
+        trust_forwarded_for=args.trust_forwarded_for,
+        idle_timeout_s=args.idle_timeout,
+        max_duration_s=args.max_call_minutes * 60,
         allowed_origins=tuple(args.allow_origin),
         echo_canceller_factory=echo_canceller_factory(args.echo_canceller),
+        auth=AuthConfig(args.auth_token, args.token_secret, args.metrics_token),
+        audit_log=args.audit_log,
     )
 
 
@@ -168,12 +260,26 @@ def ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return context
 
 
+async def start_engine(engine: Engine) -> None:
+    """Load and warm `engine`; running out of (GPU) memory ends the program with advice."""
+    try:
+        await engine.start()
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        await engine.close()
+        raise SystemExit(
+            f"the {engine.name} engine ran out of memory while loading ({type(exc).__name__}): "
+            "free the GPU, use --quantization int4, or a GPU with more memory"
+        ) from exc
+
+
 async def serve(args: argparse.Namespace) -> None:
     """Start the engine and the server; return after SIGINT/SIGTERM and a clean shutdown."""
     name, reason = choose_engine(args.engine, args.model_dir)
     log.info("engine: %s (%s)", name, reason)
     engine = make_engine(name, args.model_dir, args.device, args.quantization)
-    await engine.start()
+    await start_engine(engine)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -186,7 +292,7 @@ async def serve(args: argparse.Namespace) -> None:
         scheme = "https" if tls else "http"
         log.info("serving on %s://%s:%d", scheme, args.host, args.port)
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down: closing every call")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -196,9 +302,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(args))
     return 0

@@ -10,6 +10,7 @@ from typing import Any
 from aiortc import RTCConfiguration, RTCIceServer
 
 from agent.session import EchoCanceller, SessionConfig
+from signaling.auth import AuthConfig
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
@@ -51,14 +52,42 @@ class ServerConfig:
     static_dir: Path = STATIC_DIR
     # An SDP offer is a few kB; anything far larger is refused with 413.
     max_body_bytes: int = 64 * 1024
+    # Further offers get 503 with Retry-After while this many sessions are live (0: refuse all,
+    # e.g. to drain a server before maintenance).
     max_sessions: int = 32
+    # Retry-After (seconds) sent with a 503 at the session limit.
+    busy_retry_after_s: float = 10.0
     # A peer that has not connected by then is dropped (it may never come back).
     connect_timeout_s: float = 30.0
+    # Offers per peer address: a token bucket of `offer_burst` refilled at this rate (429 beyond).
+    offer_rate_per_minute: float = 30.0
+    offer_burst: int = 10
+    # Take the peer address from the last X-Forwarded-For entry (only behind a trusted proxy).
+    trust_forwarded_for: bool = False
+    # No inbound audio frame or client message for this long closes the session: browsers send
+    # audio continuously (silence too), so this is how a vanished peer is noticed. 0 disables.
+    idle_timeout_s: float = 10.0
+    # A call is ended (after an `error` event telling the client why) at this length. 0 disables.
+    max_duration_s: float = 3600.0
+    # Sent to the client before a limit closes its session, so it can show why.
+    close_notice_s: float = 0.5
     # Origins of other sites allowed to call this server from a page (CORS); "*" allows any.
     allowed_origins: tuple[str, ...] = ()
     session: SessionConfig = field(default_factory=SessionConfig)
     # Builds one server-side echo canceller per session; None relies on the browser's AEC.
     echo_canceller_factory: Callable[[], EchoCanceller] | None = None
+    # Tokens for /offer, /config and /metrics; the default asks for none.
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    # JSON lines describing each session's start and end; None writes none.
+    audit_log: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 0 or self.max_body_bytes < 1024:
+            raise ValueError("max_sessions must be >= 0 and max_body_bytes >= 1024")
+        if self.offer_rate_per_minute <= 0 or self.offer_burst < 1:
+            raise ValueError("the offer rate must be positive and the burst at least 1")
+        if min(self.idle_timeout_s, self.max_duration_s, self.connect_timeout_s) < 0:
+            raise ValueError("timeouts cannot be negative")
 
     def allows_origin(self, origin: str) -> bool:
         return "*" in self.allowed_origins or origin in self.allowed_origins

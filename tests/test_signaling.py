@@ -3,24 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import os
 import signal
 import socket
 import sys
+import time
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 import run_agent
-from signaling import REGISTRY_KEY, IceServer, ServerConfig, create_app, ice_servers_from_urls
-from tests.fakes import FakeEngine, MicTrack, wait_until
+from agent import metrics
+from agent.engine import Engine, EngineError, HistoryItem, UserTurn
+from signaling import (
+    REGISTRY_KEY,
+    AuthConfig,
+    IceServer,
+    ServerConfig,
+    create_app,
+    ice_servers_from_urls,
+)
+from signaling.logs import SESSION_ID, SessionFilter, configure_logging
+from tests.fakes import FakeEngine, FakeReply, MicTrack, Script, wait_until
+from tests.test_webrtc_e2e import Call, dial
 
 MINIMAL_AUDIO_SDP = (
     "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
@@ -343,3 +359,298 @@ async def test_run_agent_serves_until_sigterm_then_closes_the_engine(
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(server, 10)
     assert engine.started and engine.closed
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+
+async def serve_app(config: ServerConfig, engine: Engine) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(create_app(engine, config))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
+
+
+async def vanish(call: Call) -> None:
+    """Drop the client off the network without a goodbye: its ICE sockets just close."""
+    ice = call.pc.sctp.transport.transport
+    await ice._connection.close()
+
+
+class PickyEngine(FakeEngine):
+    """Fails every reply to the text "fail" after one audio chunk; answers the rest normally."""
+
+    def respond(self, turn: UserTurn, history: Sequence[HistoryItem]) -> FakeReply:
+        if turn.text != "fail":
+            return super().respond(turn, history)
+        reply = FakeReply(turn, Script(fail_after_chunks=1))
+        self.replies.append(reply)
+        return reply
+
+
+@pytest.mark.slow
+async def test_a_client_vanishing_mid_answer_is_torn_down_and_its_reply_cancelled(
+    tmp_path: Path,
+) -> None:
+    engine = FakeEngine(Script(audio_s=30.0, chunk_delay_s=0.05))
+    config = ServerConfig(static_dir=tmp_path, idle_timeout_s=1.0, close_notice_s=0.1)
+    runner, url = await serve_app(config, engine)
+    registry = runner.app[REGISTRY_KEY]
+    try:
+        call = await dial(url)
+        call.channel.send(json.dumps({"type": "text", "text": "tell me a long story"}))
+        await wait_until(lambda: "speaking" in call.states(), within=5)
+        gone_at = time.monotonic()
+        await vanish(call)
+        await wait_until(lambda: len(registry) == 0, within=5)
+        assert engine.replies[0].cancelled
+        assert time.monotonic() - gone_at < 4.0
+        await call.hang_up()
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.slow
+async def test_an_engine_failure_in_one_session_leaves_the_other_untouched(tmp_path: Path) -> None:
+    runner, url = await serve_app(ServerConfig(static_dir=tmp_path), PickyEngine())
+    try:
+        failing, healthy = await dial(url), await dial(url)
+        failing.channel.send(json.dumps({"type": "text", "text": "fail"}))
+        healthy.channel.send(json.dumps({"type": "text", "text": "hello"}))
+        await wait_until(lambda: failing.of_type("error"), within=5)
+        await wait_until(lambda: healthy.states()[-2:] == ["speaking", "listening"], within=5)
+        assert not healthy.of_type("error")
+        finals = [m["text"] for m in healthy.of_type("transcript") if m["final"]]
+        assert finals[-1] == Script().text
+        await wait_until(lambda: failing.states()[-1] == "listening", within=5)
+        assert len(runner.app[REGISTRY_KEY]) == 2  # the failed turn did not end the call
+        for call in (failing, healthy):
+            await call.hang_up()
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.slow
+async def test_shutdown_tells_live_callers_why_before_closing(tmp_path: Path) -> None:
+    runner, url = await serve_app(
+        ServerConfig(static_dir=tmp_path, close_notice_s=0.3), FakeEngine()
+    )
+    call = await dial(url)
+    await runner.cleanup()
+    assert "shutting down" in call.of_type("error")[0]["message"]
+    await call.hang_up()
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch.cuda.OutOfMemoryError, which is matched by name."""
+
+
+def test_out_of_memory_is_recognised_by_class_name_and_cause() -> None:
+    assert metrics.is_out_of_memory(OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    try:
+        try:
+            raise OutOfMemoryError("boom")
+        except OutOfMemoryError as inner:
+            raise RuntimeError("worker died") from inner
+    except RuntimeError as outer:
+        assert metrics.is_out_of_memory(outer)
+    assert not metrics.is_out_of_memory(ValueError("nope"))
+    assert metrics.error_kind(EngineError("bad turn")) == "engine"
+    assert metrics.error_kind(OutOfMemoryError()) == "out_of_memory"
+    assert metrics.error_kind(KeyError("x")) == "internal"
+
+
+async def test_an_engine_running_out_of_memory_at_start_exits_with_advice() -> None:
+    class HungryEngine(FakeEngine):
+        async def start(self) -> None:
+            raise OutOfMemoryError("CUDA out of memory")
+
+    engine = HungryEngine()
+    with pytest.raises(SystemExit, match="ran out of memory.*--quantization int4"):
+        await run_agent.start_engine(engine)
+    assert engine.closed
+
+
+# --- observability ---------------------------------------------------------------------------
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.addFilter(SessionFilter())
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.slow
+async def test_every_log_line_of_a_session_carries_its_id(tmp_path: Path) -> None:
+    handler = Records()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    runner, url = await serve_app(ServerConfig(static_dir=tmp_path), FakeEngine())
+    try:
+        call = await dial(url)
+        (conn,) = runner.app[REGISTRY_KEY].connections()
+        call.channel.send(json.dumps({"type": "text", "text": "hi"}))
+        await wait_until(lambda: call.states()[-2:] == ["speaking", "listening"], within=5)
+        await call.hang_up()
+        await wait_until(lambda: len(runner.app[REGISTRY_KEY]) == 0, within=5)
+    finally:
+        await runner.cleanup()
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    session_lines = [r for r in handler.records if r.name == "agent.session"]
+    assert len(session_lines) >= 3
+    assert {r.session for r in session_lines} == {conn.id}  # type: ignore[attr-defined]
+    # records of libraries working for the session (its ICE transport) are tagged as well
+    assert any(r.name.startswith("aioice") and r.session == conn.id for r in handler.records)  # type: ignore[attr-defined]
+
+
+def test_json_logs_are_one_object_a_line_with_the_session() -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", "json", stream)
+    try:
+        token = SESSION_ID.set("abc123")
+        logging.getLogger("agent.test").info("hello %s", "world")
+        SESSION_ID.reset(token)
+        logging.getLogger("agent.test").warning("outside")
+    finally:
+        configure_logging("WARNING", "text", sys.stderr)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert (first["session"], first["message"], first["level"]) == ("abc123", "hello world", "INFO")
+    assert second["session"] == "-"
+
+
+async def test_metrics_expose_limits_errors_queues_and_model_steps(client: TestClient) -> None:
+    await client.post("/offer", data="{", headers={"Content-Type": "application/json"})
+    text = await (await client.get("/metrics")).text()
+    for series in (
+        'voice_agent_offers_total{result="invalid"}',
+        'voice_agent_queue_depth{queue="outbound_frames"}',
+        "voice_agent_stop_latency_seconds_bucket",
+        "voice_agent_model_step_seconds",
+        "voice_agent_errors_total",
+        "voice_agent_session_duration_seconds_bucket",
+    ):
+        assert series in text, series
+
+
+# --- TLS and the command line ----------------------------------------------------------------
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_run_agent_serves_https_from_a_certificate_and_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cert_file, key_file = self_signed(tmp_path)
+    monkeypatch.setattr(run_agent, "make_engine", lambda *args: FakeEngine())
+    port = free_port()
+    argv = ["--port", str(port), "--cert-file", str(cert_file), "--key-file", str(key_file)]
+    args = run_agent.parse_args(argv)
+    assert run_agent.ssl_context(args) is not None
+    server = asyncio.create_task(run_agent.serve(args))
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(f"https://127.0.0.1:{port}/healthz", ssl=False) as resp:
+                        assert resp.status == 200
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the HTTPS server did not come up")
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(server, 10)
+
+
+def test_limit_access_and_log_options_reach_the_server_config(tmp_path: Path) -> None:
+    args = run_agent.parse_args(
+        [
+            "--max-sessions", "4", "--busy-retry-after", "3", "--max-body-kb", "16",
+            "--offer-rate", "12", "--offer-burst", "2", "--trust-forwarded-for",
+            "--idle-timeout", "20", "--max-call-minutes", "5",
+            "--auth-token", "tok", "--token-secret", "0123456789abcdef", "--metrics-token", "m",
+            "--audit-log", str(tmp_path / "a.jsonl"), "--log-format", "json",
+        ]
+    )  # fmt: skip
+    config = run_agent.server_config(args)
+    assert (config.max_sessions, config.busy_retry_after_s, config.max_body_bytes) == (4, 3, 16384)
+    assert (config.offer_rate_per_minute, config.offer_burst, config.trust_forwarded_for) == (
+        12,
+        2,
+        True,
+    )
+    assert (config.idle_timeout_s, config.max_duration_s) == (20, 300)
+    assert config.auth == AuthConfig("tok", "0123456789abcdef", "m")
+    assert config.audit_log == tmp_path / "a.jsonl" and args.log_format == "json"
+    with pytest.raises(SystemExit):
+        run_agent.parse_args(["--token-secret", "short"])
+
+
+def test_secrets_can_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOICE_AGENT_TOKEN_SECRET", "0123456789abcdef-env")
+    monkeypatch.setenv("VOICE_AGENT_METRICS_TOKEN", "scrape")
+    auth = run_agent.server_config(run_agent.parse_args([])).auth
+    assert (auth.bearer_token, auth.token_secret, auth.metrics_token) == (
+        None,
+        "0123456789abcdef-env",
+        "scrape",
+    )
+
+
+async def test_an_offer_that_breaks_aiortc_half_way_gets_a_4xx_and_no_session(
+    client: TestClient,
+) -> None:
+    """Regression: an audio m-line without `a=mid` made aiortc fail in createAnswer and then
+    again in RTCPeerConnection.close(), which escaped from /offer as a 500."""
+    from tests.test_fuzz import SDP_LINES
+
+    sdp = "\r\n".join(line for line in SDP_LINES if line != "a=mid:0") + "\r\n"
+    for _ in range(3):
+        status, payload = await post_json(client, {"sdp": sdp, "type": "offer"})
+        assert status == 400 and "could not be used" in payload["error"]
+    assert len(client.server.app[REGISTRY_KEY]) == 0
+    assert (await client.get("/healthz")).status == 200
