@@ -4,6 +4,8 @@
 //   ?server=https://host:8080   talk to another server (default: this page's origin)
 //   ?processing=off             turn off the browser's echo cancellation, noise suppression and
 //                               gain control (for headsets or recorded test input)
+//   ?token=...                  access token for a server with auth on (e.g. a link minted by
+//                               your backend with `python -m signaling.tokens mint`)
 
 import { VoiceAgent } from "./voice-agent.js";
 
@@ -39,6 +41,7 @@ const params = new URLSearchParams(window.location.search);
 const processing = params.get("processing") !== "off";
 const agent = new VoiceAgent({
   url: params.get("server") ?? "",
+  token: params.get("token"),
   audioElement: $("agent-audio"),
   micConstraints: {
     echoCancellation: processing,

@@ -51,6 +51,8 @@ export class VoiceAgent extends EventTarget {
   #url;
   #iceServers;
   #micConstraints;
+  #token; // string | () => string | Promise<string> | null
+  #bearer = null; // the token resolved for the call being set up
   #audio;
   #status = "disconnected";
   #state = null;
@@ -66,10 +68,19 @@ export class VoiceAgent extends EventTarget {
    * @param {RTCIceServer[]|null} [options.iceServers] ICE servers; null = ask GET {url}/config
    * @param {HTMLAudioElement|null} [options.audioElement] plays the agent; null = a detached one
    * @param {MediaTrackConstraints} [options.micConstraints] merged over DEFAULT_MIC_CONSTRAINTS
+   * @param {string|(() => string|Promise<string>)|null} [options.token] access token for a server
+   *   with auth on: a string, or a function (e.g. one asking your backend) called once per connect()
    */
-  constructor({ url = "", iceServers = null, audioElement = null, micConstraints = {} } = {}) {
+  constructor({
+    url = "",
+    iceServers = null,
+    audioElement = null,
+    micConstraints = {},
+    token = null,
+  } = {}) {
     super();
     this.#url = String(url).replace(/\/+$/, "");
+    this.#token = token;
     this.#iceServers = iceServers;
     this.#micConstraints = { ...DEFAULT_MIC_CONSTRAINTS, ...micConstraints };
     this.#audio = audioElement ?? document.createElement("audio");
@@ -129,6 +140,8 @@ export class VoiceAgent extends EventTarget {
     const slow = new Error(`Connecting took too long: no audio connection after ${seconds} s.`);
     session.connectTimer = setTimeout(() => this.#fail(session, slow), CONNECT_TIMEOUT_MS);
     try {
+      this.#bearer = await this.#resolveToken();
+      this.#ensureCurrent(attempt, session);
       session.mic = await openMicrophone(this.#micConstraints);
       this.#ensureCurrent(attempt, session);
       this.muted = this.#muted;
@@ -193,8 +206,19 @@ export class VoiceAgent extends EventTarget {
     return answer;
   }
 
+  async #resolveToken() {
+    if (this.#token === null || this.#token === undefined) return null;
+    try {
+      const token = typeof this.#token === "function" ? await this.#token() : this.#token;
+      return token ? String(token) : null;
+    } catch (err) {
+      throw new Error(`Could not get an access token for the voice agent: ${err?.message ?? err}`);
+    }
+  }
+
   async #request(method, path, json) {
     const init = { method, headers: { Accept: "application/json" } };
+    if (this.#bearer) init.headers.Authorization = `Bearer ${this.#bearer}`;
     if (json !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(json);

@@ -20,7 +20,9 @@ from aiohttp import web
 
 from agent.engine import Engine
 from signaling.app import create_app
+from signaling.auth import AuthConfig
 from signaling.config import ServerConfig
+from signaling.tokens import mint_token
 from tests.fakes import FakeEngine, Script
 
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -286,6 +288,29 @@ async def test_server_at_its_session_limit_is_shown_as_busy(launch, agent_server
     error = await demo.page.inner_text("#error")
     assert error.startswith("The voice agent is busy: the server is at its session limit"), error
     assert await demo.page.inner_text("#talk") == "Start talking"
+
+
+async def test_page_with_a_signed_token_connects_to_a_server_with_auth_on(
+    launch, agent_server, silence_wav
+):
+    secret = "s3cret-for-tests"
+    server = await agent_server(auth=AuthConfig(token_secret=secret))
+    token = mint_token(secret, "alice", ttl_s=300)
+    demo = await DemoPage.open(await launch(silence_wav), f"{server.url}/?token={token}")
+    await demo.connect()
+    await demo.hang_up()
+    assert demo.problems == []
+
+
+async def test_page_without_a_token_is_refused_in_words_by_a_server_with_auth_on(
+    launch, agent_server, silence_wav
+):
+    server = await agent_server(auth=AuthConfig(bearer_token="only-for-staff"))
+    demo = await DemoPage.open(await launch(silence_wav), server.url)
+    await demo.page.click("#talk")
+    await demo.page.wait_for_selector("#connection[data-status=failed]")
+    error = await demo.page.inner_text("#error")
+    assert "401" in error, error
 
 
 async def test_offer_the_server_rejects_shows_its_reason_in_words(
