@@ -21,14 +21,13 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from agent.engine import Engine
 from agent.metrics import is_out_of_memory
-from agent.session import EchoCanceller
+from agent.session import SessionConfig
 from signaling import AuthConfig, ServerConfig, create_app, ice_servers_from_urls
 from signaling.logs import LOG_FORMATS, configure_logging
 
@@ -75,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--echo-canceller",
         choices=("none", "auto", "aec3", "speex"),
-        default="none",
+        default="auto",
         help="server-side echo cancellation per session (browsers cancel echo themselves)",
     )
     _add_limit_args(p)
@@ -218,18 +217,19 @@ def make_engine(
     return load_engine(ModelPaths.from_model_dir(model_dir), options)
 
 
-def echo_canceller_factory(name: str) -> Callable[[], EchoCanceller] | None:
-    """A per-session canceller builder for `--echo-canceller name` (None for "none")."""
+def check_echo_canceller(name: str) -> str:
+    """Fail at start-up, not on the first call, when `--echo-canceller name` cannot be built."""
     if name == "none":
-        return None
-    from audio_dsp.aec import AlignedEchoCanceller, EchoCancellerUnavailable, create_canceller
+        return name
+    from audio_dsp.aec import EchoCancellerUnavailable, create_canceller
 
     try:
-        create_canceller(name).close()  # fail now, not on the first call
+        canceller = create_canceller(name)
     except EchoCancellerUnavailable as exc:
         raise SystemExit(f"echo canceller {name!r} is not available: {exc}") from exc
-    log.info("server-side echo cancellation: %s", name)
-    return lambda: AlignedEchoCanceller(create_canceller(name))
+    log.info("server-side echo cancellation: %s", canceller.name)
+    canceller.close()
+    return name
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -246,7 +246,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         idle_timeout_s=args.idle_timeout,
         max_duration_s=args.max_call_minutes * 60,
         allowed_origins=tuple(args.allow_origin),
-        echo_canceller_factory=echo_canceller_factory(args.echo_canceller),
+        session=SessionConfig(echo_canceller=check_echo_canceller(args.echo_canceller)),
         auth=AuthConfig(args.auth_token, args.token_secret, args.metrics_token),
         audit_log=args.audit_log,
     )

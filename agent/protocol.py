@@ -99,7 +99,9 @@ def _check_fields(
         value = fields[name]
         # bool is an int subclass in Python: keep them apart so JSON true is never a number.
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            kind_name = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            kind_name = (
+                kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            )
             raise error(f"'{type_}.{name}' must be of type {kind_name}")
     extra = set(fields) - set(spec)
     if extra:

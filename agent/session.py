@@ -2,8 +2,23 @@
 
     inbound track (av.AudioFrame, any rate/layout; browsers send 48 kHz stereo s16)
       -> mono float32 -> 16 kHz -> 10 ms frames
-      -> [echo canceller, fed the exact audio the outbound track sent, also at 16 kHz / 10 ms]
-      -> endpointer -> TurnManager -> engine -> AgentAudioTrack (48 kHz mono, 20 ms)
+      -> echo canceller, fed the exact audio the outbound track sent, also at 16 kHz / 10 ms
+      -> endpointer (turns) and barge-in detector (speech over the answer)
+      -> TurnManager -> engine -> AgentAudioTrack (48 kHz mono, 20 ms)
+
+The server-side canceller (`SessionConfig.echo_canceller`, AEC3 when installed) backs up the
+browser's own echo cancellation, which is often weak or missing (Firefox, Safari, speakers).
+Its far end starts with the first microphone frame: from then on both streams run in real time,
+so the n-th microphone frame meets the far audio sent `echo_far_delay_ms` before it, and the
+canceller's own delay estimator covers the rest of the echo's round trip.
+
+Full duplex: the session keeps listening while the agent speaks. Each clean frame goes to the
+barge-in detector (`audio_dsp.bargein`) before the endpointer, so the answer falls silent in the
+same frame a barge-in is found. While the agent's echo may be in the microphone, the endpointer
+counts only frames the detector calls speech. A new call's canceller has not learnt the room:
+if the microphone does hear the agent (`EchoPresence`), speech over the agent is ignored for
+the first `echo_warmup_s` of agent audio; if it plainly does not (the browser cancels its echo,
+or headphones), the canceller is bypassed, since an unadapted AEC3 damps the user for seconds.
 
 The session owns two tasks: the audio reader and the control loop that applies client messages
 in order. `close()` cancels both and stops the outbound track; it is idempotent.
@@ -17,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -27,18 +42,23 @@ from agent.engine import USER_SAMPLE_RATE, Engine
 from agent.messages import DataChannel, EventChannel
 from agent.protocol import ClientMessage
 from agent.tasks import cancel_and_wait
-from agent.tracks import OUTPUT_SAMPLE_RATE, AgentAudioTrack
+from agent.tracks import AUDIO_PTIME, OUTPUT_SAMPLE_RATE, AgentAudioTrack
 from agent.turns import TurnConfig, TurnManager
 from audio_dsp import (
+    AlignedEchoCanceller,
+    EchoCancellerUnavailable,
     Endpointer,
     EndpointerConfig,
     FrameChunker,
     SpeechEnded,
     SpeechStarted,
     StreamResampler,
+    create_canceller,
     int16_to_float32,
     to_mono_float32,
 )
+from audio_dsp.aec import FarEndBuffer
+from audio_dsp.bargein import BargeInConfig, BargeInDetector, EchoPresence
 
 _ids = itertools.count(1)
 
@@ -55,14 +75,39 @@ class EchoCanceller(Protocol):
     def process(self, frame: np.ndarray) -> np.ndarray: ...
 
 
+EchoBackend = Literal["none", "auto", "aec3", "speex"]
+
+
 @dataclass(frozen=True)
 class SessionConfig:
     """Per-conversation audio and turn-taking settings."""
 
     endpointer: EndpointerConfig = field(default_factory=EndpointerConfig)
     turns: TurnConfig = field(default_factory=TurnConfig)
+    bargein: BargeInConfig = field(default_factory=BargeInConfig)
     # Outbound frames queued ahead of the clock: bounds how late a barge-in silences the agent.
     max_queued_frames: int = 3
+    # Server-side echo canceller: "auto" takes AEC3 when installed (bench/bench_aec.py: 40+ dB,
+    # the VAD never fires on its output), else speex; "none" trusts the browser's canceller.
+    echo_canceller: EchoBackend = "auto"
+    # Far audio reaches the canceller this long after it was sent: slack for the jitter of
+    # arriving microphone frames. Keep it below the shortest echo round trip (>100 ms in WebRTC).
+    echo_far_delay_ms: float = 40.0
+    # For this long after the agent's last audio frame its echo may still reach the microphone:
+    # meanwhile the endpointer hears speech only where the barge-in detector does.
+    echo_tail_ms: float = 600.0
+    # A canceller needs this much agent audio to learn a call's echo path: until then, on calls
+    # whose microphone does pick up the agent (`EchoPresence`), speech over the agent neither
+    # barges in nor starts a turn (bench/bench_bargein.py: unconverged AEC3 let echo barge in
+    # 1-3 s into a call's first answer). Calls without echo are guarded only until that is
+    # known (about a second of agent audio). 0 disables.
+    echo_warmup_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.echo_canceller not in ("none", "auto", "aec3", "speex"):
+            raise ValueError(f"unknown echo canceller {self.echo_canceller!r}")
+        if self.turns.barge_in_ms > self.bargein.window_ms:
+            raise ValueError("turns.barge_in_ms cannot exceed the barge-in window (bargein)")
 
 
 class _PrefixLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -105,10 +150,16 @@ class Session:
             engine, self.output_track, self.events.send, self.config.turns, self.log, clock
         )
         self.endpointer = Endpointer(self.config.endpointer)
+        self.bargein = BargeInDetector(self.config.bargein)
         self._inbound = _InboundAudio(self.endpointer.frame_size)
-        self._echo = echo_canceller
-        if echo_canceller is not None:
-            self._attach_far_end(echo_canceller)
+        self._near_started = False  # the far end is fed from the first microphone frame on
+        self._last_agent_audio: float | None = None  # clock time of the last answer frame sent
+        self._far_audio_s = 0.0  # agent audio the canceller has heard (its training so far)
+        self.echo_presence = EchoPresence()
+        self.output_track.add_frame_listener(self._on_frame_sent)
+        self._echo = echo_canceller if echo_canceller is not None else self._build_canceller()
+        if self._echo is not None:
+            self._attach_far_end(self._echo)
         self._inbox: asyncio.Queue[ClientMessage] = asyncio.Queue(maxsize=64)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -176,19 +227,37 @@ class Session:
             samples = samples.T
         channels = len(frame.layout.channels)
         for chunk in self._inbound.push(samples, frame.sample_rate, channels):
-            if self._echo is not None:
-                chunk = self._echo.process(chunk)
-            await self._on_user_frame(chunk)
+            self._near_started = True
+            if self._echo is None:
+                await self._on_user_frame(chunk)
+                continue
+            self._push_echo_presence(chunk)
+            clean = self._echo.process(chunk)  # keeps adapting even when bypassed
+            if self.echo_presence.echo_found is False:
+                await self._on_user_frame(chunk)  # no echo: the raw voice is the better one
+            else:
+                await self._on_user_frame(clean, chunk)
 
-    async def _on_user_frame(self, frame: np.ndarray) -> None:
-        for event in self.endpointer.process(frame):
+    async def _on_user_frame(self, frame: np.ndarray, mic: np.ndarray | None = None) -> None:
+        """One 10 ms frame, maybe echo-cancelled (`mic`: before cancelling): barge-in, turns.
+
+        While the agent's echo may be in the microphone, the endpointer takes the barge-in
+        detector's stricter view of which frames are speech, so echo never becomes a turn.
+        """
+        evidence_ms = self.bargein.process(frame, mic)
+        audible = self._agent_audible()
+        if audible and self._echo_warming_up():
+            self.bargein.forget_speech()  # afterwards evidence builds up from scratch
+            evidence_ms = 0.0
+        if evidence_ms > 0:
+            await self.turns.on_speech_progress(evidence_ms)
+        voiced = (self.bargein.last_counted and evidence_ms > 0) if audible else None
+        for event in self.endpointer.process(frame, voiced):
             if isinstance(event, SpeechStarted):
                 self.log.info("speech started (onset %.2f s)", event.onset_s)
                 await self.turns.on_speech_started(event)
             elif isinstance(event, SpeechEnded):
                 await self._on_speech_ended(event)
-        if self.endpointer.in_speech:
-            await self.turns.on_speech_progress(self.endpointer.voiced_ms)
 
     async def _on_speech_ended(self, event: SpeechEnded) -> None:
         user_stop = self._clock() - (event.detected_s - event.stop_s)
@@ -201,6 +270,8 @@ class Session:
         await self.turns.on_speech_ended(event, user_stop)
 
     def _on_client_message(self, message: ClientMessage) -> None:
+        if message.type == "interrupt":
+            self.turns.silence()  # now, ahead of anything queued; `_apply` winds the reply up
         try:
             self._inbox.put_nowait(message)
         except asyncio.QueueFull:
@@ -233,15 +304,60 @@ class Session:
         except Exception:
             self.log.exception("echo canceller failed to close")
 
+    def _on_frame_sent(self, _frame: np.ndarray, is_audio: bool) -> None:
+        if is_audio:
+            self._last_agent_audio = self._clock()
+            if self._near_started:
+                self._far_audio_s += AUDIO_PTIME
+
+    def _push_echo_presence(self, mic: np.ndarray) -> None:
+        known = self.echo_presence.echo_found is not None
+        self.echo_presence.push_mic(mic)
+        if not known and self.echo_presence.echo_found is not None:
+            self.log.info(
+                "the microphone %s the agent (envelope correlation %.2f)%s",
+                "hears" if self.echo_presence.echo_found else "does not hear",
+                self.echo_presence.correlation or 0.0,
+                "" if self.echo_presence.echo_found else ": bypassing the echo canceller",
+            )
+
+    def _echo_warming_up(self) -> bool:
+        """True until the canceller has heard `echo_warmup_s` of the agent, on calls with echo."""
+        if self._echo is None or self._far_audio_s >= self.config.echo_warmup_s:
+            return False
+        return self.echo_presence.echo_found is not False
+
+    def _agent_audible(self) -> bool:
+        """True while the agent's voice (or its echo) may still be in the microphone."""
+        last = self._last_agent_audio
+        return last is not None and self._clock() - last < self.config.echo_tail_ms / 1000
+
+    def _build_canceller(self) -> EchoCanceller | None:
+        """The canceller `config.echo_canceller` names, lined up by a far-end buffer."""
+        name = self.config.echo_canceller
+        if name == "none":
+            return None
+        try:
+            backend = create_canceller(name)
+        except EchoCancellerUnavailable as exc:
+            self.log.error("echo canceller %s unavailable, running without: %s", name, exc)
+            return None
+        self.log.info("echo canceller: %s", backend.name)
+        return AlignedEchoCanceller(backend, FarEndBuffer(self.config.echo_far_delay_ms))
+
     def _attach_far_end(self, canceller: EchoCanceller) -> None:
+        """Feed `canceller` every frame the track sends (silence too) once the mic is live."""
         resampler = StreamResampler(OUTPUT_SAMPLE_RATE, USER_SAMPLE_RATE)
         chunker = FrameChunker(self.endpointer.frame_size)
 
         def feed(frame: np.ndarray, _is_audio: bool) -> None:
+            if not self._near_started:
+                return
             for chunk in chunker.push(resampler.process(int16_to_float32(frame))):
                 canceller.far_end(chunk)
+                self.echo_presence.push_far(chunk)
 
         self.output_track.add_frame_listener(feed)
 
 
-__all__ = ["EchoCanceller", "Session", "SessionConfig"]
+__all__ = ["EchoBackend", "EchoCanceller", "Session", "SessionConfig"]

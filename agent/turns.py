@@ -5,9 +5,10 @@ States: `listening` (waiting for the user), `thinking` (a reply was requested, n
 
 - answers each finished user turn (speech or typed text) with `engine.respond`,
 - streams the reply: transcripts to the client, audio to the output track,
-- on barge-in (the user talks over the answer for `barge_in_ms` of voiced speech) or an
-  `interrupt` message: cancels the reply, drops queued audio, tells the client to `flush`, and
-  keeps in the history only the part of the answer that was sent,
+- on barge-in (the user talks over the answer for `barge_in_ms` of speech, as scored by
+  `audio_dsp.bargein`) or an `interrupt` message: silences the answer at once (drops queued
+  audio, tells the client to `flush`, stops the streaming task), then cancels the reply and keeps
+  in the history only the part of the answer that was sent, marked interrupted,
 - if the user starts talking again while the agent is still thinking, drops that reply and later
   answers the earlier and the new speech together as one turn, so nothing said is lost.
 
@@ -63,8 +64,13 @@ class AudioOutput(Protocol):
 class TurnConfig:
     """Turn-taking policy."""
 
-    # Voiced speech over the agent's answer that counts as a barge-in; shorter is a backchannel.
-    barge_in_ms: float = 350.0
+    # Speech over the agent's answer (within the detector's window) that counts as a barge-in.
+    # `bench/bench_bargein.py`: with AEC3, echo alone never scored over 50 ms in 100 simulated
+    # rooms, while 150 ms catches the user in double talk ~0.2 s after they start (median).
+    barge_in_ms: float = 150.0
+    # No barge-in for this long after the answer's first audio left (a canceller still adapting
+    # to a new echo path may let the first words through); 0 = none.
+    barge_in_guard_ms: float = 0.0
     # Oldest entries are dropped beyond this many history items.
     max_history_items: int = 64
     # How long a cancelled reply may take to stop before we stop waiting for it.
@@ -100,6 +106,7 @@ class _ActiveReply:
     audio_start: int | None = None  # output.played_samples when its first audio was queued
     resampler: StreamResampler | None = None
     first_sent: asyncio.Future[float] | None = None  # when its first audio frame left
+    stopped_played_s: float | None = None  # audio sent when it was silenced (None: not yet)
 
     def close_record(self, interrupted: bool) -> None:
         """Copy the engine's stage timings into the record and stop waiting for audio."""
@@ -133,7 +140,6 @@ class TurnManager:
         self._history: list[HistoryItem] = []
         self._active: _ActiveReply | None = None
         self._held_audio: np.ndarray | None = None  # speech whose reply was dropped mid-thought
-        self._barged = False
         self._closed = False
         # Recent turns and state changes, newest last (for logs, metrics and benchmarks).
         self.records: deque[TurnRecord] = deque(maxlen=MAX_RECORDS)
@@ -155,7 +161,6 @@ class TurnManager:
     async def on_speech_started(self, event: SpeechStarted) -> None:
         """The user started talking: a thinking reply to earlier speech is set aside."""
         async with self._lock:
-            self._barged = False
             active = self._active
             if self._state == "thinking" and active and active.turn.audio is not None:
                 self._log.info("user resumed while thinking: merging with the next speech")
@@ -163,15 +168,39 @@ class TurnManager:
                 await self._stop_active(keep_history=False, reason="resumed")
 
     async def on_speech_progress(self, voiced_ms: float) -> None:
-        """Called for every frame during speech; interrupts the answer on a real barge-in."""
-        if self._state != "speaking" or self._barged or voiced_ms < self.config.barge_in_ms:
+        """`voiced_ms` of user speech heard just now: interrupts the answer on a barge-in.
+
+        The answer falls silent in this call, before waiting for any other handler.
+        """
+        active = self._active
+        if (
+            self._state != "speaking"
+            or active is None
+            or voiced_ms < self.config.barge_in_ms
+            or self._in_guard(active)
+        ):
             return
+        if active.stopped_played_s is None:
+            self._log.info("barge-in after %.0f ms of speech over the answer", voiced_ms)
+            self.silence()
         async with self._lock:
-            if self._state != "speaking" or self._barged:
-                return
-            self._barged = True
-            self._log.info("barge-in after %.0f ms of voiced speech", voiced_ms)
-            await self._stop_active(keep_history=True, reason="barge-in")
+            if self._active is active:
+                await self._stop_active(keep_history=True, reason="barge-in")
+
+    def silence(self) -> None:
+        """Silence the answer in flight now, without the lock: the barge-in fast path.
+
+        Drops queued audio, tells the client to flush its buffer and stops the streaming task;
+        the handler that follows (`interrupt`, a barge-in) winds the reply up under the lock.
+        """
+        active = self._active
+        if active is None or active.stopped_played_s is not None:
+            return
+        if active.task is not None:
+            active.task.cancel()
+        if active.audio_start is not None:
+            self._flush_output()
+        active.stopped_played_s = self._played_s(active)
 
     async def on_speech_ended(self, event: SpeechEnded, user_stop: float) -> None:
         """A user turn ended at clock time `user_stop`: answer it (unless it was a backchannel)."""
@@ -281,11 +310,10 @@ class TurnManager:
         active = self._active
         if active is None:
             return
+        self.silence()
         self._active = None
+        played_s = active.stopped_played_s or 0.0
         await self._cancel_task(active)
-        if active.audio_start is not None:
-            self._flush_output()
-        played_s = self._played_s(active)
         await self._cancel_reply(active)
         active.close_record(interrupted=True)
         metrics.INTERRUPTIONS_TOTAL.labels(reason=reason).inc()
@@ -312,6 +340,14 @@ class TurnManager:
     def _flush_output(self) -> None:
         self.output.flush()
         self._send(encode("flush"))
+
+    def _in_guard(self, active: _ActiveReply) -> bool:
+        """True during the warm-up guard that follows the answer's first audio."""
+        guard_s = self.config.barge_in_guard_ms / 1000
+        sent = active.record.first_audio_sent
+        if guard_s <= 0:
+            return False
+        return sent is None or self._clock() - sent < guard_s
 
     def _played_s(self, active: _ActiveReply) -> float:
         if active.audio_start is None:

@@ -307,9 +307,7 @@ def _register(app: web.Application, conn_id: str, peer: str, subject: str | None
     """Create the session and its peer connection and register them (no awaits)."""
     config, registry, engine = app[CONFIG_KEY], app[REGISTRY_KEY], app[ENGINE_KEY]
     pc = RTCPeerConnection(config.rtc_configuration())
-    factory = config.echo_canceller_factory
-    canceller = factory() if factory is not None else None
-    session = Session(engine, config.session, conn_id, echo_canceller=canceller)
+    session = Session(engine, config.session, conn_id)
     conn = Connection(conn_id, pc, session, peer=peer, subject=subject, engine=engine.name)
     _wire(conn, registry)
     registry.add(conn)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCIceServer
 
-from agent.session import EchoCanceller, SessionConfig
+from agent.session import SessionConfig
 from signaling.auth import AuthConfig
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
@@ -74,8 +73,6 @@ class ServerConfig:
     # Origins of other sites allowed to call this server from a page (CORS); "*" allows any.
     allowed_origins: tuple[str, ...] = ()
     session: SessionConfig = field(default_factory=SessionConfig)
-    # Builds one server-side echo canceller per session; None relies on the browser's AEC.
-    echo_canceller_factory: Callable[[], EchoCanceller] | None = None
     # Tokens for /offer, /config and /metrics; the default asks for none.
     auth: AuthConfig = field(default_factory=AuthConfig)
     # JSON lines describing each session's start and end; None writes none.

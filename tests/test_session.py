@@ -20,6 +20,8 @@ from agent.tasks import cancel_and_wait
 from agent.tracks import FRAME_SAMPLES, OUTPUT_SAMPLE_RATE, AgentAudioTrack
 from agent.turns import TurnConfig, TurnManager
 from audio_dsp import EndpointerConfig, SpeechEnded, SpeechStarted, StreamResampler
+from audio_dsp.aec import available_backends
+from audio_dsp.bargein import BargeInConfig
 from tests.fakes import (
     FakeChannel,
     FakeEngine,
@@ -230,7 +232,7 @@ async def test_barge_in_needs_enough_voiced_speech_over_the_answer() -> None:
 
 
 async def test_a_short_backchannel_over_the_answer_is_ignored() -> None:
-    h = Harness(Script(audio_s=1.5))
+    h = Harness(Script(audio_s=1.5), TurnConfig(barge_in_ms=250))
     await h.turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
     await h.wait_state("speaking")
     await h.turns.on_speech_started(SpeechStarted(1.0, 1.1))
@@ -497,4 +499,52 @@ async def test_planar_float_input_frames_are_understood(tmp_path: Path) -> None:
     xcorr = correlate(heard, speech, mode="full", method="fft")
     similarity = xcorr.max() / (np.linalg.norm(heard) * np.linalg.norm(speech))
     assert similarity > 0.9  # the same waveform, not a garbled channel interleave
+    await session.close()
+
+
+# --- echo cancellation settings -------------------------------------------------------------------
+
+
+def test_session_config_rejects_an_unknown_canceller_and_an_unreachable_barge_in() -> None:
+    with pytest.raises(ValueError, match="echo canceller"):
+        SessionConfig(echo_canceller="webrtc")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="barge-in window"):
+        SessionConfig(turns=TurnConfig(barge_in_ms=500), bargein=BargeInConfig(window_ms=400))
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("none", None), ("speex", "speex+res"), ("auto", "auto")]
+)
+async def test_each_session_builds_the_canceller_its_config_names(name: str, expected) -> None:  # type: ignore[no-untyped-def]
+    if expected == "auto":
+        expected = {"aec3": "aec3", "speex": "speex+res"}.get(available_backends()[0])
+    elif expected is not None and "speex" not in available_backends():
+        pytest.skip("libspeexdsp is not installed")
+    session = Session(FakeEngine(), SessionConfig(echo_canceller=name))
+    built = session._echo
+    assert (built.name if built is not None else None) == expected
+    await session.close()
+
+
+async def test_the_far_end_is_fed_from_the_first_microphone_frame_on() -> None:
+    """Far audio sent before the microphone starts would misalign the canceller."""
+    fed: list[np.ndarray] = []
+
+    class Recorder:
+        def far_end(self, frame: np.ndarray) -> None:
+            fed.append(frame)
+
+        def process(self, frame: np.ndarray) -> np.ndarray:
+            return frame
+
+    session = Session(FakeEngine(), echo_canceller=Recorder())
+    for _ in range(10):
+        await session.output_track.recv()
+    assert fed == []
+    mic = MicTrack(realtime=False)
+    session.attach_input(mic)
+    await wait_until(lambda: mic.frames_sent > 0)
+    for _ in range(3):
+        await session.output_track.recv()
+    assert 3 <= len(fed) <= 6  # 20 ms frames sent -> 10 ms far frames (resampler delay aside)
     await session.close()

@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -325,15 +324,10 @@ def test_cli_options_build_the_server_config() -> None:
         run_agent.parse_args(["--cert-file", "c.pem"])
 
 
-def test_echo_canceller_option_builds_one_canceller_per_session() -> None:
-    pytest.importorskip("audio_dsp.aec")
-    assert run_agent.server_config(run_agent.parse_args([])).echo_canceller_factory is None
-    args = run_agent.parse_args(["--echo-canceller", "auto"])
-    factory = run_agent.server_config(args).echo_canceller_factory
-    assert factory is not None
-    first, second = factory(), factory()
-    assert first is not second
-    assert first.process(np.zeros(160, np.float32)).shape == (160,)
+def test_echo_canceller_option_reaches_every_session_config() -> None:
+    assert run_agent.server_config(run_agent.parse_args([])).session.echo_canceller == "auto"
+    args = run_agent.parse_args(["--echo-canceller", "none"])
+    assert run_agent.server_config(args).session.echo_canceller == "none"
 
 
 async def test_run_agent_serves_until_sigterm_then_closes_the_engine(

@@ -26,7 +26,8 @@ from audio_dsp import EndpointerConfig, StreamResampler, to_mono_float32
 from signaling import REGISTRY_KEY, ServerConfig, create_app
 from tests.fakes import FakeEngine, MicTrack, Script, espeak_16k, wait_until
 
-SESSION = SessionConfig(EndpointerConfig(hangover_ms=600))
+# No echo path here and the agent plays a steady tone: the echo check could not settle.
+SESSION = SessionConfig(EndpointerConfig(hangover_ms=600), echo_canceller="none")
 
 
 @dataclass
