@@ -182,16 +182,17 @@ class TurnManager:
             return
         if active.stopped_played_s is None:
             self._log.info("barge-in after %.0f ms of speech over the answer", voiced_ms)
-            self.silence()
+            self.silence(since_s=voiced_ms / 1000)
         async with self._lock:
             if self._active is active:
                 await self._stop_active(keep_history=True, reason="barge-in")
 
-    def silence(self) -> None:
+    def silence(self, since_s: float = 0.0) -> None:
         """Silence the answer in flight now, without the lock: the barge-in fast path.
 
         Drops queued audio, tells the client to flush its buffer and stops the streaming task;
         the handler that follows (`interrupt`, a barge-in) winds the reply up under the lock.
+        `since_s`: how long ago the user began what caused it (recorded as stop latency).
         """
         active = self._active
         if active is None or active.stopped_played_s is not None:
@@ -200,6 +201,7 @@ class TurnManager:
             active.task.cancel()
         if active.audio_start is not None:
             self._flush_output()
+            metrics.STOP_LATENCY_SECONDS.observe(since_s)
         active.stopped_played_s = self._played_s(active)
 
     async def on_speech_ended(self, event: SpeechEnded, user_stop: float) -> None:
@@ -244,6 +246,7 @@ class TurnManager:
         except Exception as exc:
             self._log.exception("the engine refused the turn")
             metrics.ENGINE_ERRORS_TOTAL.inc()
+            metrics.record_reply_failure(exc)
             self._send(encode("error", message=_error_text(exc)))
             return
         active = _ActiveReply(turn=turn, reply=reply, record=record)
@@ -262,6 +265,7 @@ class TurnManager:
         except Exception as exc:
             self._log.exception("reply failed")
             metrics.ENGINE_ERRORS_TOTAL.inc()
+            metrics.record_reply_failure(exc)
             self._send(encode("error", message=_error_text(exc)))
             self._finish(active, played_s=self._played_s(active), failed=True)
             return
@@ -379,6 +383,8 @@ class TurnManager:
 
 def _error_text(exc: Exception) -> str:
     """What the client is told: an EngineError's own words, otherwise nothing internal."""
+    if metrics.is_out_of_memory(exc):
+        return metrics.OUT_OF_MEMORY_MESSAGE
     if isinstance(exc, EngineError) and str(exc):
         return str(exc)
     return "the agent could not answer that turn"

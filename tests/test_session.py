@@ -14,6 +14,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 from scipy.signal import correlate
 
+from agent import metrics
 from agent.engine import EngineError
 from agent.session import Session, SessionConfig
 from agent.tasks import cancel_and_wait
@@ -548,3 +549,22 @@ async def test_the_far_end_is_fed_from_the_first_microphone_frame_on() -> None:
         await session.output_track.recv()
     assert 3 <= len(fed) <= 6  # 20 ms frames sent -> 10 ms far frames (resampler delay aside)
     await session.close()
+
+
+async def test_running_out_of_gpu_memory_is_reported_in_words_and_counted() -> None:
+    class OutOfMemoryError(RuntimeError):  # the name torch.cuda gives its exception
+        pass
+
+    class Exhausted(FakeEngine):
+        def respond(self, turn, history):  # type: ignore[no-untyped-def]
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    before = metrics.ERRORS_TOTAL.labels(kind="out_of_memory")._value.get()
+    messages: list[dict] = []
+    track = AgentAudioTrack()
+    turns = TurnManager(Exhausted(), track, lambda m: messages.append(json.loads(m)))
+    await turns.on_user_text("hi")
+    assert messages[-1] == {"type": "error", "message": metrics.OUT_OF_MEMORY_MESSAGE}
+    assert metrics.ERRORS_TOTAL.labels(kind="out_of_memory")._value.get() == before + 1
+    assert turns.state != "thinking"
+    track.stop()
