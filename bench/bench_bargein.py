@@ -46,7 +46,8 @@ from tests.test_barge_in import (
     VirtualClock,
     speech_of,
 )
-from tests.test_duplex_webrtc import ENERGY, ClientMic, dial
+from tests.test_duplex_webrtc import ENERGY, ClientMic
+from tests.webrtc_client import dial, serve_app
 
 AGENT_LINES = [
     "Here is a rather long answer about the weather tomorrow, sunny then cloudy.",
@@ -191,19 +192,13 @@ async def webrtc_trials(trials: int) -> WebRtcResult:
     session = SessionConfig(EndpointerConfig(hangover_ms=500))
     with tempfile.TemporaryDirectory() as tmp:
         app = create_app(engine, ServerConfig(static_dir=Path(tmp), session=session))
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        try:
-            return await _run_webrtc(f"http://{host}:{port}", app, trials)
-        finally:
-            await runner.cleanup()
+        async with serve_app(app) as base_url:
+            return await _run_webrtc(base_url, app, trials)
 
 
 async def _run_webrtc(base_url: str, app: web.Application, trials: int) -> WebRtcResult:
-    call = await dial(base_url, ClientMic(echo_gain=0.25))
+    mic = ClientMic(echo_gain=0.25)
+    call = await dial(base_url, mic, on_frame=mic.hear)
     (conn,) = app[REGISTRY_KEY].connections()
     sent: list[tuple[float, bool]] = []
     conn.session.output_track.add_frame_listener(lambda _f, a: sent.append((time.monotonic(), a)))
@@ -237,14 +232,14 @@ async def _one_webrtc_trial(call, session, sent, rng, trial: int, result: WebRtc
     onset = call.mic.onsets[-1]
     await asyncio.sleep(1.2)
     server_last = max((t for t, audio in sent if audio and t < onset + 1.2), default=None)
-    client_last = call.last_audio(onset, onset + 1.2)
+    client_last = call.last_audio(onset, onset + 1.2, ENERGY)
     if server_last is None or client_last is None or server_last < onset:
         result.missed += 1
     else:
         result.server_stop.append(server_last + STEP_S - onset)
         result.client_stop.append(client_last - onset)
-        late = (peak for t, peak in call.audio if server_last + 0.25 < t < onset + 1.2)
-        result.stale_frames += sum(1 for peak in late if peak > ENERGY)
+        late = (f for t, f in call.audio if server_last + 0.25 < t < onset + 1.2)
+        result.stale_frames += sum(1 for f in late if np.abs(f).max() > ENERGY)
     # the cut-in becomes a (silently answered) turn of its own before the next trial starts
     spoken = lambda: sum(r.kind == "audio" for r in session.turns.records)  # noqa: E731
     await wait_until(lambda: spoken() == trial + 1 and session.turns.state == "listening", 5)

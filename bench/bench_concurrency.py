@@ -35,12 +35,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, MediaStreamTrack
 
 from agent.engine import Engine
 from agent.tracks import AUDIO_PTIME
 from signaling import REGISTRY_KEY, Connection, ServerConfig, create_app
+from tests.webrtc_client import OfferRefused, negotiate, serve_app
 
 log = logging.getLogger("bench.concurrency")
 
@@ -149,17 +150,16 @@ async def serve(engine_name: str, port: int) -> None:
         return web.json_response(summary)
 
     app.router.add_get(STATS_PATH, stats_handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    watcher = asyncio.create_task(watch_connections(app, stats), name="bench-watcher")
-    print("READY", flush=True)
     try:
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        async with serve_app(app, port, access_log=False):
+            watcher = asyncio.create_task(watch_connections(app, stats), name="bench-watcher")
+            print("READY", flush=True)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+            finally:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
     finally:
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
-        await runner.cleanup()
         await engine.close()
 
 
@@ -205,14 +205,11 @@ async def dial(http: aiohttp.ClientSession, url: str, text: str) -> Caller:
     caller = Caller(pc, channel)
     channel.on("message", lambda raw: _on_message(caller, raw))
     pc.on("track", lambda track: caller.tasks.append(asyncio.create_task(discard(track))))
-    await pc.setLocalDescription(await pc.createOffer())
-    offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
-    async with http.post(f"{url}/offer", json=offer) as resp:
-        if resp.status != 200:
-            await pc.close()
-            raise RuntimeError(f"offer refused: {resp.status} {await resp.text()}")
-        answer = await resp.json()
-    await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+    try:
+        await negotiate(pc, url, http)
+    except OfferRefused:
+        await pc.close()
+        raise
     caller.tasks.append(asyncio.create_task(keep_talking(caller, text)))
     return caller
 

@@ -16,35 +16,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fractions
-import json
 import logging
 import statistics
 import subprocess
 import tempfile
-import time
 import wave
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import numpy as np
-from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from av import AudioFrame
 
 from agent.session import SessionConfig
 from agent.turns import TurnRecord
-from audio_dsp import (
-    EndpointerConfig,
-    StreamResampler,
-    float32_to_int16,
-    int16_to_float32,
-    to_mono_float32,
-)
+from audio_dsp import EndpointerConfig, StreamResampler, int16_to_float32
 from signaling import REGISTRY_KEY, ServerConfig, create_app
+from tests.fakes import wait_until
+from tests.webrtc_client import Call, dial, serve_app
 
 PHRASES = (
     "hello there, how are you today",
@@ -53,7 +39,6 @@ PHRASES = (
     "thank you very much, goodbye",
 )
 RATE = 48_000
-FRAME = 960
 VOICED_PEAK = 0.02  # a frame louder than this counts as speech or answer audio
 
 
@@ -69,125 +54,18 @@ def speak(text: str) -> np.ndarray:
     return np.concatenate([rs.process(int16_to_float32(pcm)), rs.flush()])
 
 
-class PhraseMic(MediaStreamTrack):
-    """A clock-paced 48 kHz stereo microphone that plays queued phrases, silence otherwise."""
-
-    kind = "audio"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._buffer = np.zeros(0, np.int16)
-        self._start: float | None = None
-        self._pts = 0
-        self.last_voiced_sent = 0.0
-
-    def say(self, samples: np.ndarray) -> None:
-        self._buffer = np.concatenate([self._buffer, float32_to_int16(samples)])
-
-    @property
-    def busy(self) -> bool:
-        return len(self._buffer) > 0
-
-    async def recv(self) -> AudioFrame:
-        if self.readyState != "live":
-            raise MediaStreamError
-        await self._pace()
-        mono = np.zeros(FRAME, np.int16)
-        chunk, self._buffer = self._buffer[:FRAME], self._buffer[FRAME:]
-        mono[: len(chunk)] = chunk
-        if len(chunk) and np.abs(chunk).max() > VOICED_PEAK * 32768:
-            self.last_voiced_sent = time.monotonic()
-        frame = AudioFrame.from_ndarray(np.repeat(mono, 2).reshape(1, -1), "s16", "stereo")
-        frame.sample_rate, frame.pts = RATE, self._pts
-        frame.time_base = fractions.Fraction(1, RATE)
-        self._pts += FRAME
-        return frame
-
-    async def _pace(self) -> None:
-        if self._start is None:
-            self._start = time.monotonic()
-            return
-        delay = self._start + self._pts / RATE - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-
-@dataclass
-class Client:
-    pc: RTCPeerConnection
-    mic: PhraseMic
-    states: list[tuple[float, str]] = field(default_factory=list)
-    voiced_arrivals: list[float] = field(default_factory=list)
-    state_changed: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    async def close(self) -> None:
-        self.mic.stop()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.pc.close()
-
-
-async def _listen(client: Client, track: MediaStreamTrack) -> None:
-    try:
-        while True:
-            frame = await track.recv()
-            mono = to_mono_float32(frame.to_ndarray(), len(frame.layout.channels))
-            if np.abs(mono).max() > VOICED_PEAK:
-                client.voiced_arrivals.append(time.monotonic())
-    except MediaStreamError:
-        return
-
-
-async def connect(base_url: str) -> Client:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    client = Client(pc, PhraseMic())
-    pc.addTrack(client.mic)
-    channel = pc.createDataChannel("events")
-
-    @channel.on("message")
-    def on_message(raw: str) -> None:
-        message = json.loads(raw)
-        if message["type"] == "state":
-            client.states.append((time.monotonic(), message["state"]))
-            client.state_changed.set()
-
-    @pc.on("track")
-    def on_track(track: MediaStreamTrack) -> None:
-        client.tasks.append(asyncio.create_task(_listen(client, track)))
-
-    await pc.setLocalDescription(await pc.createOffer())
-    offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
-    async with aiohttp.ClientSession() as http, http.post(f"{base_url}/offer", json=offer) as r:
-        r.raise_for_status()
-        answer = await r.json()
-    await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
-    await wait_for_states(client, lambda states: bool(states), 10.0)
-    return client
-
-
-async def wait_for_states(
-    client: Client, done: Callable[[list[str]], bool], within_s: float, since: int = 0
-) -> None:
-    """Wait until `done(states received since index `since`)` holds."""
-    async with asyncio.timeout(within_s):
-        while not done([s for _, s in client.states[since:]]):
-            client.state_changed.clear()
-            await client.state_changed.wait()
-
-
-async def run_turn(client: Client, phrase: np.ndarray, timeout_s: float) -> float | None:
+async def run_turn(call: Call, phrase: np.ndarray, timeout_s: float) -> float | None:
     """Say a phrase, wait for the answer to finish; returns the client-side first-audio delay."""
-    seen = len(client.states)
-    client.mic.say(phrase)
+    seen = len(call.states())
+    call.mic.say(phrase, RATE)
     try:
-        await wait_for_states(client, _answered, timeout_s, since=seen)
-    except TimeoutError:
+        await wait_until(lambda: _answered(call.states()[seen:]), within=timeout_s)
+    except AssertionError:  # not answered in time
         return None
     await asyncio.sleep(0.5)  # let the jitter buffer hand over the last frames
-    stop = client.mic.last_voiced_sent
-    return next((t - stop for t in client.voiced_arrivals if t > stop), None)
+    stop = call.mic.last_voiced_sent
+    arrival = call.first_audio_arrival(stop, VOICED_PEAK)
+    return None if arrival is None else arrival - stop
 
 
 def _answered(states: list[str]) -> bool:
@@ -224,21 +102,19 @@ async def bench(args: argparse.Namespace) -> None:
     await engine.start()
     session = SessionConfig(EndpointerConfig(hangover_ms=args.hangover_ms))
     app = create_app(engine, ServerConfig(session=session))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
-    client = await connect(f"http://{host}:{port}")
     try:
-        (conn,) = app[REGISTRY_KEY].connections()
-        delays = []
-        for i in range(args.turns):
-            delays.append(await run_turn(client, speak(PHRASES[i % len(PHRASES)]), 30.0))
-            await asyncio.sleep(0.5)
-        report(conn.session.turns.records, delays, args.hangover_ms / 1000)
+        async with serve_app(app, access_log=False) as url:
+            call = await dial(url, within=10.0)
+            try:
+                (conn,) = app[REGISTRY_KEY].connections()
+                delays = []
+                for i in range(args.turns):
+                    delays.append(await run_turn(call, speak(PHRASES[i % len(PHRASES)]), 30.0))
+                    await asyncio.sleep(0.5)
+                report(conn.session.turns.records, delays, args.hangover_ms / 1000)
+            finally:
+                await call.hang_up()
     finally:
-        await client.close()
-        await runner.cleanup()
         await engine.close()
 
 

@@ -145,13 +145,15 @@ class FakeEngine(Engine):
 class MicTrack(MediaStreamTrack):
     """A microphone: 48 kHz stereo s16 20 ms frames paced by the clock, silence when idle.
 
-    `say(samples, rate)` queues mono float32 audio to be "spoken" from the next frame on.
+    `say(samples, rate)` queues mono float32 audio to be "spoken" from the next frame on;
+    `last_voiced_sent` is when the last frame peaking above VOICED_PEAK left.
     With `realtime=False` frames come as fast as they are read (for endpointer-only tests).
     """
 
     kind = "audio"
     RATE = 48_000
     FRAME = 960
+    VOICED_PEAK = 0.02
 
     def __init__(self, realtime: bool = True) -> None:
         super().__init__()
@@ -161,6 +163,7 @@ class MicTrack(MediaStreamTrack):
         self._start: float | None = None
         self._pts = 0
         self.frames_sent = 0
+        self.last_voiced_sent = 0.0
 
     def say(self, samples: np.ndarray, sample_rate: int) -> float:
         """Queue speech; returns its duration in seconds."""
@@ -184,6 +187,8 @@ class MicTrack(MediaStreamTrack):
         self._buffer = self._buffer[self.FRAME :]
         mono = np.zeros(self.FRAME, np.int16)
         mono[: len(chunk)] = chunk
+        if len(chunk) and np.abs(chunk).max() > self.VOICED_PEAK * 32768:
+            self.last_voiced_sent = time.monotonic()
         stereo = np.repeat(mono, 2).reshape(1, -1)
         frame = AudioFrame.from_ndarray(stereo, format="s16", layout="stereo")
         frame.sample_rate = self.RATE

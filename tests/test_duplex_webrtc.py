@@ -11,28 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import fractions
-import json
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 import pytest
-from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
-from agent.engine import Engine
 from agent.session import SessionConfig
-from audio_dsp import EndpointerConfig, StreamResampler, float32_to_int16, to_mono_float32
+from audio_dsp import EndpointerConfig, StreamResampler, float32_to_int16
 from audio_dsp.aec import available_backends
-from signaling import REGISTRY_KEY, ServerConfig, create_app
+from signaling import REGISTRY_KEY
 from tests.fakes import wait_until
 from tests.test_barge_in import AGENT_TEXT, SpeakingEngine, VirtualClock, speech_of
+from tests.webrtc_client import app_servers, dial
 
 RATE = 48_000
 FRAME = 960  # 20 ms
@@ -108,94 +102,11 @@ def _take(mic: ClientMic, name: str) -> np.ndarray:
     return np.pad(part, (0, FRAME - len(part)))
 
 
-@dataclass
-class DuplexCall:
-    """The client side of one call: what arrived (audio with arrival times, messages)."""
-
-    pc: RTCPeerConnection
-    mic: ClientMic
-    channel: object
-    messages: list[tuple[float, dict]] = field(default_factory=list)
-    audio: list[tuple[float, float]] = field(default_factory=list)  # (arrival, peak)
-    reader: asyncio.Task[None] | None = None
-
-    def states(self) -> list[str]:
-        return [m["state"] for _, m in self.messages if m["type"] == "state"]
-
-    def first(self, type_: str) -> float | None:
-        return next((t for t, m in self.messages if m["type"] == type_), None)
-
-    def last_audio(self, start: float, end: float) -> float | None:
-        """Arrival time of the last frame with agent audio in [start, end)."""
-        times = [t for t, peak in self.audio if start <= t < end and peak > ENERGY]
-        return times[-1] if times else None
-
-    def send(self, message: dict) -> None:
-        self.channel.send(json.dumps(message))  # type: ignore[attr-defined]
-
-    async def hang_up(self) -> None:
-        self.mic.stop()
-        if self.reader is not None:
-            self.reader.cancel()
-            await asyncio.gather(self.reader, return_exceptions=True)
-        await self.pc.close()
-
-
-async def _play(call: DuplexCall, track: MediaStreamTrack) -> None:
-    """The loudspeaker: record each frame's arrival and let the microphone hear it."""
-    try:
-        while True:
-            frame = await track.recv()
-            mono = to_mono_float32(frame.to_ndarray(), len(frame.layout.channels))
-            call.audio.append((time.monotonic(), float(np.abs(mono).max())))
-            call.mic.hear(mono)
-    except MediaStreamError:
-        return
-
-
-async def dial(base_url: str, mic: ClientMic) -> DuplexCall:
-    """Connect an aiortc client with `mic` to the server at `base_url`."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTrack(mic)
-    channel = pc.createDataChannel("events")
-    call = DuplexCall(pc, mic, channel)
-    channel.on("message", lambda raw: call.messages.append((time.monotonic(), json.loads(raw))))
-
-    @pc.on("track")
-    def on_track(track: MediaStreamTrack) -> None:
-        call.reader = asyncio.create_task(_play(call, track))
-
-    await pc.setLocalDescription(await pc.createOffer())
-    offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
-    async with aiohttp.ClientSession() as http, http.post(f"{base_url}/offer", json=offer) as resp:
-        assert resp.status == 200, await resp.text()
-        answer = await resp.json()
-    await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
-    await wait_until(lambda: channel.readyState == "open" and call.states() == ["listening"])
-    return call
-
-
-Serve = Callable[[Engine, SessionConfig], "asyncio.Future[tuple[str, web.Application]]"]
-
-
 @pytest.fixture
 async def serve(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Start the real app on a free loopback port; yields start(engine, session config)."""
-    runners: list[web.AppRunner] = []
-
-    async def start(engine: Engine, session: SessionConfig) -> tuple[str, web.Application]:
-        app = create_app(engine, ServerConfig(static_dir=tmp_path, session=session))
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}", app
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+    async with app_servers(tmp_path) as start:
+        yield start
 
 
 @pytest.mark.slow
@@ -203,7 +114,8 @@ async def serve(tmp_path: Path):  # type: ignore[no-untyped-def]
 async def test_user_speech_stops_the_agent_over_webrtc_while_its_echo_does_not(serve) -> None:  # type: ignore[no-untyped-def]
     engine = SpeakingEngine(speech_of(AGENT_TEXT, 6.0), VirtualClock())
     base_url, app = await serve(engine, SessionConfig(EndpointerConfig(hangover_ms=600)))
-    call = await dial(base_url, ClientMic(echo_gain=0.5))
+    mic = ClientMic(echo_gain=0.5)
+    call = await dial(base_url, mic, on_frame=mic.hear)
     try:
         call.send({"type": "text", "text": "tell me about the weather"})
         await wait_until(lambda: "speaking" in call.states(), within=5)
@@ -213,10 +125,12 @@ async def test_user_speech_stops_the_agent_over_webrtc_while_its_echo_does_not(s
         await wait_until(lambda: call.first("flush") is not None, within=3)
         await asyncio.sleep(0.6)  # what was already on its way drains from the jitter buffer
         (onset,) = call.mic.onsets
-        stopped = call.last_audio(onset, onset + 1.0)
+        stopped = call.last_audio(onset, onset + 1.0, ENERGY)
         assert stopped is not None
         assert stopped - onset < 1.5
-        assert call.last_audio(stopped + 0.001, onset + 1.0) is None  # silence after the stop
+        assert (
+            call.last_audio(stopped + 0.001, onset + 1.0, ENERGY) is None
+        )  # silence after the stop
         ((conn),) = app[REGISTRY_KEY].connections()
         records = conn.session.turns.records
         assert [r.interrupted for r in records][:1] == [True]

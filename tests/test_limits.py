@@ -7,16 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from aiortc import RTCPeerConnection
 
 from agent.session import SessionConfig
 from signaling import RATE_LIMITER_KEY, REGISTRY_KEY, ServerConfig, create_app
 from signaling.audit import AuditLog
 from signaling.limits import RateLimiter, retry_after_header
-from tests.fakes import FakeEngine, MicTrack, Script, wait_until
-from tests.test_webrtc_e2e import dial
+from tests.fakes import FakeEngine, Script, wait_until
+from tests.webrtc_client import dial, offering_peer, serve_app
 
 
 class FakeClock:
@@ -71,15 +69,6 @@ def test_limits_are_validated() -> None:
 # --- over HTTP -------------------------------------------------------------------------------
 
 
-async def offer_sdp() -> tuple[RTCPeerConnection, MicTrack, str]:
-    pc = RTCPeerConnection()
-    mic = MicTrack()
-    pc.addTrack(mic)
-    pc.createDataChannel("events")
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc, mic, pc.localDescription.sdp
-
-
 async def test_offers_beyond_the_burst_get_429_with_retry_after(tmp_path: Path) -> None:
     config = ServerConfig(static_dir=tmp_path, offer_rate_per_minute=2, offer_burst=2)
     async with TestClient(TestServer(create_app(FakeEngine(), config))) as client:
@@ -114,7 +103,7 @@ async def test_concurrent_offers_admit_exactly_max_sessions_and_503_the_rest(
 ) -> None:
     config = ServerConfig(static_dir=tmp_path, max_sessions=3, busy_retry_after_s=7)
     app = create_app(FakeEngine(), config)
-    peers = [await offer_sdp() for _ in range(8)]
+    peers = [await offering_peer() for _ in range(8)]
     try:
         async with TestClient(TestServer(app)) as client:
 
@@ -122,7 +111,7 @@ async def test_concurrent_offers_admit_exactly_max_sessions_and_503_the_rest(
                 resp = await client.post("/offer", json={"sdp": sdp, "type": "offer"})
                 return resp.status, await resp.json(), resp.headers.get("Retry-After")
 
-            results = await asyncio.gather(*(post(sdp) for _, _, sdp in peers))
+            results = await asyncio.gather(*(post(pc.localDescription.sdp) for pc, _ in peers))
             statuses = sorted(status for status, _, _ in results)
             assert statuses == [200] * 3 + [503] * 5
             assert len(app[REGISTRY_KEY]) == 3
@@ -132,7 +121,7 @@ async def test_concurrent_offers_admit_exactly_max_sessions_and_503_the_rest(
             )
         assert len(app[REGISTRY_KEY]) == 0  # shutdown closed the admitted three
     finally:
-        for pc, mic, _ in peers:
+        for pc, mic in peers:
             mic.stop()
             await pc.close()
 
@@ -140,23 +129,13 @@ async def test_concurrent_offers_admit_exactly_max_sessions_and_503_the_rest(
 # --- idle and duration caps over WebRTC --------------------------------------------------------
 
 
-async def start_server(config: ServerConfig, engine: FakeEngine) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(create_app(engine, config))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}"
-
-
 @pytest.mark.slow
 async def test_a_caller_whose_audio_stops_is_told_and_closed_after_the_idle_timeout(
     tmp_path: Path,
 ) -> None:
     config = ServerConfig(static_dir=tmp_path, idle_timeout_s=1.0, close_notice_s=0.2)
-    runner, url = await start_server(config, FakeEngine())
-    app = runner.app
-    try:
+    app = create_app(FakeEngine(), config)
+    async with serve_app(app) as url:
         call = await dial(url)
         await asyncio.sleep(1.5)  # audio flowing: not idle
         assert len(app[REGISTRY_KEY]) == 1
@@ -165,8 +144,6 @@ async def test_a_caller_whose_audio_stops_is_told_and_closed_after_the_idle_time
         assert "without audio" in call.of_type("error")[0]["message"]
         await wait_until(lambda: len(app[REGISTRY_KEY]) == 0, within=3)
         await call.hang_up()
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.slow
@@ -179,16 +156,13 @@ async def test_a_call_reaching_its_maximum_length_is_told_then_closed(tmp_path: 
         audit_log=audit,
         session=SessionConfig(),
     )
-    runner, url = await start_server(config, FakeEngine(Script(audio_s=0.2)))
-    app = runner.app
-    try:
+    app = create_app(FakeEngine(Script(audio_s=0.2)), config)
+    async with serve_app(app) as url:
         call = await dial(url)
         await wait_until(lambda: call.of_type("error"), within=5)
         assert "limit" in call.of_type("error")[0]["message"]
         await wait_until(lambda: len(app[REGISTRY_KEY]) == 0, within=3)
         await call.hang_up()
-    finally:
-        await runner.cleanup()
     end = json.loads(audit.read_text().splitlines()[-1])
     assert end["event"] == "end" and end["reason"] == "max duration"
     assert 1.4 < end["duration_s"] < 4.0

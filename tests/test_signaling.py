@@ -18,13 +18,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCSessionDescription
 
 import run_agent
 from agent import metrics
-from agent.engine import Engine, EngineError, HistoryItem, UserTurn
+from agent.engine import EngineError, HistoryItem, UserTurn
 from signaling import (
     REGISTRY_KEY,
     AuthConfig,
@@ -34,8 +33,8 @@ from signaling import (
     ice_servers_from_urls,
 )
 from signaling.logs import SESSION_ID, SessionFilter, configure_logging
-from tests.fakes import FakeEngine, FakeReply, MicTrack, Script, wait_until
-from tests.test_webrtc_e2e import Call, dial
+from tests.fakes import FakeEngine, FakeReply, Script, wait_until
+from tests.webrtc_client import dial, offering_peer, serve_app
 
 MINIMAL_AUDIO_SDP = (
     "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
@@ -58,15 +57,6 @@ async def client(tmp_path: Path) -> AsyncIterator[TestClient]:
     )
     async with TestClient(TestServer(create_app(FakeEngine(), config))) as c:
         yield c
-
-
-async def client_offer() -> tuple[RTCPeerConnection, MicTrack]:
-    pc = RTCPeerConnection()
-    mic = MicTrack()
-    pc.addTrack(mic)
-    pc.createDataChannel("events")
-    await pc.setLocalDescription(await pc.createOffer())
-    return pc, mic
 
 
 async def post_json(client: TestClient, body: object) -> tuple[int, dict]:
@@ -168,7 +158,7 @@ async def test_the_server_keeps_serving_after_bad_requests(client: TestClient) -
 
 
 async def test_a_valid_offer_gets_an_answer_and_a_registered_session(client: TestClient) -> None:
-    pc, mic = await client_offer()
+    pc, mic = await offering_peer()
     try:
         status, answer = await post_json(client, {"sdp": pc.localDescription.sdp, "type": "offer"})
         assert status == 200 and answer["type"] == "answer"
@@ -183,7 +173,7 @@ async def test_a_valid_offer_gets_an_answer_and_a_registered_session(client: Tes
 async def test_the_session_limit_answers_503(tmp_path: Path) -> None:
     app = create_app(FakeEngine(), ServerConfig(static_dir=tmp_path, max_sessions=1))
     async with TestClient(TestServer(app)) as client:
-        pcs = [await client_offer() for _ in range(2)]
+        pcs = [await offering_peer() for _ in range(2)]
         try:
             first, _ = await post_json(
                 client, {"sdp": pcs[0][0].localDescription.sdp, "type": "offer"}
@@ -203,7 +193,7 @@ async def test_shutdown_closes_every_registered_connection(tmp_path: Path) -> No
     app = create_app(FakeEngine(), ServerConfig(static_dir=tmp_path))
     client = TestClient(TestServer(app))
     await client.start_server()
-    pc, mic = await client_offer()
+    pc, mic = await offering_peer()
     await post_json(client, {"sdp": pc.localDescription.sdp, "type": "offer"})
     (conn,) = app[REGISTRY_KEY].connections()
     await client.close()
@@ -217,7 +207,7 @@ async def test_shutdown_closes_every_registered_connection(tmp_path: Path) -> No
 async def test_a_peer_that_never_connects_is_dropped_after_the_timeout(tmp_path: Path) -> None:
     app = create_app(FakeEngine(), ServerConfig(static_dir=tmp_path, connect_timeout_s=0.3))
     async with TestClient(TestServer(app)) as client:
-        pc, mic = await client_offer()
+        pc, mic = await offering_peer()
         status, _ = await post_json(client, {"sdp": pc.localDescription.sdp, "type": "offer"})
         assert status == 200
         mic.stop()
@@ -358,20 +348,6 @@ async def test_run_agent_serves_until_sigterm_then_closes_the_engine(
 # --- faults ----------------------------------------------------------------------------------
 
 
-async def serve_app(config: ServerConfig, engine: Engine) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(create_app(engine, config))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}"
-
-
-async def vanish(call: Call) -> None:
-    """Drop the client off the network without a goodbye: its ICE sockets just close."""
-    ice = call.pc.sctp.transport.transport
-    await ice._connection.close()
-
-
 class PickyEngine(FakeEngine):
     """Fails every reply to the text "fail" after one audio chunk; answers the rest normally."""
 
@@ -389,26 +365,24 @@ async def test_a_client_vanishing_mid_answer_is_torn_down_and_its_reply_cancelle
 ) -> None:
     engine = FakeEngine(Script(audio_s=30.0, chunk_delay_s=0.05))
     config = ServerConfig(static_dir=tmp_path, idle_timeout_s=1.0, close_notice_s=0.1)
-    runner, url = await serve_app(config, engine)
-    registry = runner.app[REGISTRY_KEY]
-    try:
+    app = create_app(engine, config)
+    registry = app[REGISTRY_KEY]
+    async with serve_app(app) as url:
         call = await dial(url)
         call.channel.send(json.dumps({"type": "text", "text": "tell me a long story"}))
         await wait_until(lambda: "speaking" in call.states(), within=5)
         gone_at = time.monotonic()
-        await vanish(call)
+        await call.vanish()
         await wait_until(lambda: len(registry) == 0, within=5)
         assert engine.replies[0].cancelled
         assert time.monotonic() - gone_at < 4.0
         await call.hang_up()
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.slow
 async def test_an_engine_failure_in_one_session_leaves_the_other_untouched(tmp_path: Path) -> None:
-    runner, url = await serve_app(ServerConfig(static_dir=tmp_path), PickyEngine())
-    try:
+    app = create_app(PickyEngine(), ServerConfig(static_dir=tmp_path))
+    async with serve_app(app) as url:
         failing, healthy = await dial(url), await dial(url)
         failing.channel.send(json.dumps({"type": "text", "text": "fail"}))
         healthy.channel.send(json.dumps({"type": "text", "text": "hello"}))
@@ -418,20 +392,17 @@ async def test_an_engine_failure_in_one_session_leaves_the_other_untouched(tmp_p
         finals = [m["text"] for m in healthy.of_type("transcript") if m["final"]]
         assert finals[-1] == Script().text
         await wait_until(lambda: failing.states()[-1] == "listening", within=5)
-        assert len(runner.app[REGISTRY_KEY]) == 2  # the failed turn did not end the call
+        assert len(app[REGISTRY_KEY]) == 2  # the failed turn did not end the call
         for call in (failing, healthy):
             await call.hang_up()
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.slow
 async def test_shutdown_tells_live_callers_why_before_closing(tmp_path: Path) -> None:
-    runner, url = await serve_app(
-        ServerConfig(static_dir=tmp_path, close_notice_s=0.3), FakeEngine()
-    )
-    call = await dial(url)
-    await runner.cleanup()
+    app = create_app(FakeEngine(), ServerConfig(static_dir=tmp_path, close_notice_s=0.3))
+    async with serve_app(app) as url:
+        call = await dial(url)
+    # the block's end shut the server down
     assert "shutting down" in call.of_type("error")[0]["message"]
     await call.hang_up()
 
@@ -486,16 +457,16 @@ async def test_every_log_line_of_a_session_carries_its_id(tmp_path: Path) -> Non
     root.addHandler(handler)
     old_level = root.level
     root.setLevel(logging.INFO)
-    runner, url = await serve_app(ServerConfig(static_dir=tmp_path), FakeEngine())
+    app = create_app(FakeEngine(), ServerConfig(static_dir=tmp_path))
     try:
-        call = await dial(url)
-        (conn,) = runner.app[REGISTRY_KEY].connections()
-        call.channel.send(json.dumps({"type": "text", "text": "hi"}))
-        await wait_until(lambda: call.states()[-2:] == ["speaking", "listening"], within=5)
-        await call.hang_up()
-        await wait_until(lambda: len(runner.app[REGISTRY_KEY]) == 0, within=5)
+        async with serve_app(app) as url:
+            call = await dial(url)
+            (conn,) = app[REGISTRY_KEY].connections()
+            call.channel.send(json.dumps({"type": "text", "text": "hi"}))
+            await wait_until(lambda: call.states()[-2:] == ["speaking", "listening"], within=5)
+            await call.hang_up()
+            await wait_until(lambda: len(app[REGISTRY_KEY]) == 0, within=5)
     finally:
-        await runner.cleanup()
         root.removeHandler(handler)
         root.setLevel(old_level)
     session_lines = [r for r in handler.records if r.name == "agent.session"]

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from aiortc import RTCPeerConnection
 
 from agent.session import Session
 from agent.tracks import AgentAudioTrack
 from signaling import REGISTRY_KEY, ServerConfig, create_app
 from tests.fakes import FakeEngine, Script, wait_until
-from tests.test_webrtc_e2e import Call, dial
+from tests.webrtc_client import dial, serve_app
 
 ROUNDS = 8
 CALLS_PER_ROUND = 3
@@ -79,16 +78,11 @@ async def settle(baseline: Usage, within_s: float = 5.0) -> Usage:
         await asyncio.sleep(0.1)
 
 
-async def vanish(call: Call) -> None:
-    """Take the client off the network: its ICE sockets close, nothing is said to the server."""
-    await call.pc.sctp.transport.transport._connection.close()
-
-
 async def talk_and_vanish(url: str) -> None:
     call = await dial(url)
     call.channel.send(json.dumps({"type": "text", "text": "tell me everything"}))
     await wait_until(lambda: "speaking" in call.states(), within=10)
-    await vanish(call)
+    await call.vanish()
     await call.hang_up()
 
 
@@ -101,18 +95,13 @@ async def test_connect_talk_vanish_cycles_leak_no_tasks_threads_fds_or_memory(
         static_dir=tmp_path, idle_timeout_s=1.0, close_notice_s=0.05, offer_burst=1000
     )
     app = create_app(engine, config)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
-    url = f"http://{host}:{port}"
     registry = app[REGISTRY_KEY]
+    async with serve_app(app) as url:
 
-    async def one_round() -> None:
-        await asyncio.gather(*(talk_and_vanish(url) for _ in range(CALLS_PER_ROUND)))
-        await wait_until(lambda: len(registry) == 0, within=10)
+        async def one_round() -> None:
+            await asyncio.gather(*(talk_and_vanish(url) for _ in range(CALLS_PER_ROUND)))
+            await wait_until(lambda: len(registry) == 0, within=10)
 
-    try:
         for _ in range(WARM_UP_ROUNDS):
             await one_round()
         await asyncio.sleep(0.5)
@@ -125,8 +114,6 @@ async def test_connect_talk_vanish_cycles_leak_no_tasks_threads_fds_or_memory(
             await one_round()
         after = await settle(before)
         leftovers = live_objects()
-    finally:
-        await runner.cleanup()
     print(
         f"soak: {ROUNDS * CALLS_PER_ROUND} calls\n before {before}\n middle {middle}\n after {after}"
     )

@@ -9,110 +9,27 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 import pytest
-from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from prometheus_client import REGISTRY
 
-from agent.engine import Engine
 from agent.session import SessionConfig
-from audio_dsp import EndpointerConfig, StreamResampler, to_mono_float32
-from signaling import REGISTRY_KEY, ServerConfig, create_app
-from tests.fakes import FakeEngine, MicTrack, Script, espeak_16k, wait_until
+from audio_dsp import EndpointerConfig, StreamResampler
+from signaling import REGISTRY_KEY
+from tests.fakes import FakeEngine, Script, espeak_16k, wait_until
+from tests.webrtc_client import app_servers, dial
 
 # No echo path here and the agent plays a steady tone: the echo check could not settle.
 SESSION = SessionConfig(EndpointerConfig(hangover_ms=600), echo_canceller="none")
 
 
-@dataclass
-class Call:
-    """The client side of one call, recording everything the server sends."""
-
-    pc: RTCPeerConnection
-    mic: MicTrack
-    channel: object
-    messages: list[tuple[float, dict]] = field(default_factory=list)
-    audio: list[tuple[float, np.ndarray]] = field(default_factory=list)  # (arrival, mono 48k)
-    reader: asyncio.Task[None] | None = None
-
-    def of_type(self, type_: str) -> list[dict]:
-        return [m for _, m in self.messages if m["type"] == type_]
-
-    def states(self) -> list[str]:
-        return [m["state"] for m in self.of_type("state")]
-
-    def voiced_audio(self, threshold: float = 0.02) -> np.ndarray:
-        frames = [f for _, f in self.audio if np.abs(f).max() > threshold]
-        return np.concatenate(frames) if frames else np.zeros(0, np.float32)
-
-    def first_audio_arrival(self, after: float, threshold: float = 0.02) -> float | None:
-        return next((t for t, f in self.audio if t > after and np.abs(f).max() > threshold), None)
-
-    async def hang_up(self) -> None:
-        self.mic.stop()
-        if self.reader is not None:
-            self.reader.cancel()
-            await asyncio.gather(self.reader, return_exceptions=True)
-        await self.pc.close()
-
-
-async def _record(call: Call, track: MediaStreamTrack) -> None:
-    try:
-        while True:
-            frame = await track.recv()
-            mono = to_mono_float32(frame.to_ndarray(), len(frame.layout.channels))
-            call.audio.append((time.monotonic(), mono))
-    except MediaStreamError:
-        return
-
-
-async def dial(base_url: str) -> Call:
-    """Connect an aiortc client to the server at `base_url`, ready to talk."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    mic = MicTrack()
-    pc.addTrack(mic)
-    channel = pc.createDataChannel("events")
-    call = Call(pc, mic, channel)
-    channel.on("message", lambda raw: call.messages.append((time.monotonic(), json.loads(raw))))
-
-    @pc.on("track")
-    def on_track(track: MediaStreamTrack) -> None:
-        call.reader = asyncio.create_task(_record(call, track))
-
-    await pc.setLocalDescription(await pc.createOffer())
-    offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
-    async with aiohttp.ClientSession() as http, http.post(f"{base_url}/offer", json=offer) as resp:
-        assert resp.status == 200, await resp.text()
-        answer = await resp.json()
-    await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
-    await wait_until(lambda: channel.readyState == "open" and call.states() == ["listening"])
-    return call
-
-
 @pytest.fixture
 async def serve(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Start the real app for an engine on a free loopback port; yields (base_url, app)."""
-    runners: list[web.AppRunner] = []
-
-    async def start(engine: Engine) -> tuple[str, web.Application]:
-        app = create_app(engine, ServerConfig(static_dir=tmp_path, session=SESSION))
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}", app
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+    async with app_servers(tmp_path, SESSION) as start:
+        yield start
 
 
 @pytest.mark.slow
