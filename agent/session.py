@@ -38,7 +38,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from agent import metrics
-from agent.engine import USER_SAMPLE_RATE, Engine
+from agent.engine import USER_SAMPLE_RATE, Engine, TurnListener
 from agent.messages import DataChannel, EventChannel
 from agent.protocol import ClientMessage
 from agent.tasks import cancel_and_wait
@@ -144,6 +144,8 @@ class Session:
         self.id = session_id or f"s{next(_ids)}"
         self.log = _PrefixLogger(logging.getLogger("agent.session"), {"session": self.id})
         self._clock = clock
+        self.engine = engine
+        self._listener: TurnListener | None = None  # the engine hearing the speech in progress
         self.output_track = AgentAudioTrack(self.config.max_queued_frames, clock=clock)
         self.events = EventChannel(self._on_client_message, self.log)
         self.turns = TurnManager(
@@ -197,6 +199,7 @@ class Session:
         for task in self._tasks:
             await cancel_and_wait(task, self.log)
         await self.turns.close()
+        self._drop_listener()
         self.output_track.stop()
         self._close_echo_canceller()
         metrics.SESSIONS_ACTIVE.dec()
@@ -252,12 +255,32 @@ class Session:
         if evidence_ms > 0:
             await self.turns.on_speech_progress(evidence_ms)
         voiced = (self.bargein.last_counted and evidence_ms > 0) if audible else None
-        for event in self.endpointer.process(frame, voiced):
+        events = self.endpointer.process(frame, voiced)
+        if not events and self._listener is not None and self.endpointer.in_speech:
+            self._listener.push(frame)
+        for event in events:
             if isinstance(event, SpeechStarted):
                 self.log.info("speech started (onset %.2f s)", event.onset_s)
+                self._start_listener()
                 await self.turns.on_speech_started(event)
             elif isinstance(event, SpeechEnded):
                 await self._on_speech_ended(event)
+
+    def _start_listener(self) -> None:
+        """Let the engine hear the new speech as it comes (from its pre-roll on)."""
+        self._drop_listener()
+        try:
+            self._listener = self.engine.listen()
+        except Exception:
+            self.log.exception("the engine could not start listening; whole turns only")
+            self._listener = None
+        if self._listener is not None:
+            self._listener.push(self.endpointer.speech_so_far())
+
+    def _drop_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
 
     async def _on_speech_ended(self, event: SpeechEnded) -> None:
         user_stop = self._clock() - (event.detected_s - event.stop_s)
@@ -267,7 +290,8 @@ class Session:
             event.reason,
             (event.detected_s - event.stop_s) * 1000,
         )
-        await self.turns.on_speech_ended(event, user_stop)
+        listener, self._listener = self._listener, None
+        await self.turns.on_speech_ended(event, user_stop, listener)
 
     def _on_client_message(self, message: ClientMessage) -> None:
         if message.type == "interrupt":

@@ -35,6 +35,7 @@ from agent.engine import (
     HistoryItem,
     Reply,
     TextDelta,
+    TurnListener,
     UserTranscript,
     UserTurn,
 )
@@ -204,18 +205,29 @@ class TurnManager:
             metrics.STOP_LATENCY_SECONDS.observe(since_s)
         active.stopped_played_s = self._played_s(active)
 
-    async def on_speech_ended(self, event: SpeechEnded, user_stop: float) -> None:
-        """A user turn ended at clock time `user_stop`: answer it (unless it was a backchannel)."""
+    async def on_speech_ended(
+        self, event: SpeechEnded, user_stop: float, listener: TurnListener | None = None
+    ) -> None:
+        """A user turn ended at clock time `user_stop`: answer it (unless it was a backchannel).
+
+        `listener` is the engine's ear that heard this speech as it was spoken, if any.
+        """
         async with self._lock:
-            if self._state == "speaking":
+            if self._state == "speaking" or self._closed:
                 self._log.info("ignoring %.2f s of speech over the answer", event.duration_s)
+                if listener is not None:
+                    listener.close()
                 return
             audio = event.audio
             if self._held_audio is not None:
                 audio = np.concatenate([self._held_audio, audio])
                 self._held_audio = None
+                if listener is not None:  # it heard only the second part
+                    listener.close()
+                    listener = None
             await self._stop_active(keep_history=True, reason="new-turn")
-            self._begin(UserTurn(audio=audio.astype(np.float32, copy=False)), "audio", user_stop)
+            turn = UserTurn(audio=audio.astype(np.float32, copy=False), listener=listener)
+            self._begin(turn, "audio", user_stop)
 
     async def on_user_text(self, text: str) -> None:
         """A typed turn: it replaces whatever answer is in flight."""
@@ -239,11 +251,15 @@ class TurnManager:
 
     def _begin(self, turn: UserTurn, kind: Literal["audio", "text"], user_stop: float) -> None:
         if self._closed:
+            if turn.listener is not None:
+                turn.listener.close()
             return
         record = TurnRecord(kind=kind, user_stop=user_stop, requested=self._clock())
         try:
             reply = self.engine.respond(turn, list(self._history))
         except Exception as exc:
+            if turn.listener is not None:
+                turn.listener.close()
             self._log.exception("the engine refused the turn")
             metrics.ENGINE_ERRORS_TOTAL.inc()
             metrics.record_reply_failure(exc)

@@ -125,6 +125,15 @@ class Endpointer:
         """Voiced audio heard since the current speech started (0 outside speech)."""
         return self._voiced_count * self.config.frame_ms if self.in_speech else 0.0
 
+    def speech_so_far(self) -> np.ndarray:
+        """The current speech's audio heard so far, pre-roll included (empty outside speech).
+
+        A `SpeechEnded.audio` starts with exactly these samples.
+        """
+        if self._speech is None:
+            return np.zeros(0, np.float32)
+        return np.concatenate(self._speech).astype(np.float32, copy=False)
+
     @property
     def now_s(self) -> float:
         """Stream time at the end of the last frame processed."""

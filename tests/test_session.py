@@ -568,3 +568,68 @@ async def test_running_out_of_gpu_memory_is_reported_in_words_and_counted() -> N
     assert metrics.ERRORS_TOTAL.labels(kind="out_of_memory")._value.get() == before + 1
     assert turns.state != "thinking"
     track.stop()
+
+
+class RecordingListener:
+    def __init__(self) -> None:
+        self.pushed: list[np.ndarray] = []
+        self.closed = False
+
+    def push(self, samples: np.ndarray) -> None:
+        assert not self.closed, "pushed after close"
+        self.pushed.append(np.array(samples, np.float32))
+
+    def close(self) -> None:
+        self.closed = True
+
+    @property
+    def audio(self) -> np.ndarray:
+        return np.concatenate(self.pushed) if self.pushed else np.zeros(0, np.float32)
+
+
+class ListeningEngine(FakeEngine):
+    def __init__(self, script: Script | None = None) -> None:
+        super().__init__(script)
+        self.listeners: list[RecordingListener] = []
+
+    def listen(self) -> RecordingListener:
+        self.listeners.append(RecordingListener())
+        return self.listeners[-1]
+
+
+async def test_the_engine_hears_the_speech_while_it_is_spoken_and_gets_it_with_the_turn(
+    tmp_path: Path,
+) -> None:
+    speech = espeak_16k("turn on the kitchen lights", tmp_path)
+    engine = ListeningEngine(Script(audio_s=0.4))
+    session = Session(engine, SessionConfig(EndpointerConfig(hangover_ms=500)))
+    session.attach_channel(FakeChannel())
+    mic = MicTrack()
+    pump = OutputPump(session.output_track).start()
+    session.attach_input(mic)
+    await asyncio.sleep(0.2)
+    speech_s = mic.say(speech, 16_000)
+    await asyncio.sleep(speech_s / 2)
+    assert len(engine.listeners) == 1 and len(engine.listeners[0].pushed) > 1  # mid-speech
+    await wait_until(lambda: len(engine.calls) == 1)
+    turn = engine.calls[0][0]
+    listener = engine.listeners[0]
+    assert turn.listener is listener and not listener.closed
+    heard = listener.audio
+    # Everything it heard is the start of the turn's audio; only the endpointer's trimmed
+    # trailing silence can be missing from the turn.
+    assert 0 < len(turn.audio) <= len(heard)
+    np.testing.assert_array_equal(heard[: len(turn.audio)], turn.audio)
+    await session.close()
+    await pump.stop()
+
+
+async def test_speech_over_the_answer_that_is_ignored_closes_the_engine_listener() -> None:
+    listener = RecordingListener()
+    messages: list[dict] = []
+    track = AgentAudioTrack()
+    turns = TurnManager(FakeEngine(), track, lambda m: messages.append(json.loads(m)))
+    turns._state = "speaking"  # the agent is talking: short speech is a backchannel
+    await turns.on_speech_ended(speech_end(), user_stop=time.monotonic(), listener=listener)
+    assert listener.closed
+    track.stop()
