@@ -1,4 +1,4 @@
-"""GLM-4-Voice engine: first-audio latency per stage, concurrency, decoder cost per block.
+"""GLM-4-Voice engine: warm-up, first-audio latency per stage, concurrency, decoder cost.
 
 Default: the tiny random-weight model set (`models.make_tiny`) loaded through the real loaders,
 on the CPU (well under two minutes). `--full`: the official architecture sizes with random
@@ -8,23 +8,36 @@ official formats, the 9B LM built directly on the GPU in bf16).
 Random weights never follow the 13 text : 26 audio layout nor end a turn, so replies run under
 a `TokenPattern` with a fixed length: every figure is for a well-formed answer.
 
-    python -m bench.bench_glm4voice [--full] [--turn-s 6] [--answer-ids 117] [--json out.json]
+    python -m bench.bench_glm4voice [--full [--compile-decode]] [--turn-s 6] [--answer-ids 117]
+                                    [--json out.json]
 
 Sections:
+0. start-up warm-up: its time per stage, and the first turn of a fresh process per stage
+   without and with the warm-up (each in its own process, so neither inherits the other's
+   warm state);
 1. first audio of one conversation, per stage: speech tokenizer (one-shot vs. only the end of
    a turn that was streamed while spoken), prefill, LM tokens until the first decodable block,
    the first decoder block;
-2. 1..16 concurrent conversations: LM tokens/s per conversation, first-audio latency, mean
-   batch size of the worker's LM steps;
-3. decoder cost per block against the position in the answer, reference vs. fast mode.
+2. 1..16 concurrent conversations, with the decoder batching blocks of different replies and
+   without: LM tokens/s per conversation, first-audio latency, mean batch sizes of the LM
+   steps and decoder calls, and the on/off ratios; then conversations that start at different
+   times and are played at real-time pace, with later decoder blocks waiting for each other
+   (`BlockHold`) and without;
+3. decoder cost per block against the position in the answer, reference vs. fast mode, and
+   the fast decoder's blocks of n streams in one batched call vs. one after the other.
+
+`--compile-decode` (with `--full`, CUDA): the LM steps through the preallocated KV cache with
+the one-token step compiled into CUDA graphs (`LoadOptions.compile_decode`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import logging
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -42,7 +55,9 @@ from models.glm4voice.batching import KVCacheBatch
 from models.glm4voice.brain import GLM4VoiceBrain, LoadOptions, ReplyDecoder
 from models.glm4voice.engine import EngineOptions, GLM4VoiceEngine, load_engine
 from models.glm4voice.paths import DECODER_FOLDER, LM_FOLDER, TOKENIZER_FOLDER, ModelPaths
+from models.glm4voice.static_batch import StaticKVBatch
 from models.glm4voice.tokens import TokenConstraints, TokenMasks, TokenPattern
+from models.glm4voice.worker import BlockHold
 from models.lm import GLM4VoiceTokenizer, LMStepper, SamplingConfig, build_random_lm
 from models.lm.configuration_lm import ChatGLMConfig
 from models.lm.tiny import tiny_config_dict
@@ -75,7 +90,18 @@ FULL_FLOW = {
 }
 FULL_HIFT_CHANNELS = 512
 CONCURRENCY = (1, 2, 4, 8, 16)
+DECODER_STREAMS = (1, 2, 4, 8)
+STAGGERED_CONVERSATIONS = 6
+STAGGER_S = 0.13  # between conversation starts: not a multiple of the decoder's block period
+PLAYBACK_LEAD_S = 0.5  # a paced listener takes more audio when this little is left to play
 USER_RATE = 16_000
+FIRST_TURN_STAGES = (
+    "speech_tokenizer",
+    "prefill",
+    "lm_until_first_block",
+    "first_decoder_block",
+    "first_audio",
+)
 
 
 @dataclass
@@ -84,9 +110,14 @@ class Report:
 
     size: str
     device: str
+    warm_up_s: float = 0.0
+    warm_up_stages_ms: dict[str, float] = field(default_factory=dict)
+    first_turn_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # cold / warmed
     first_audio_stages_ms: dict[str, float] = field(default_factory=dict)
     concurrency: list[dict[str, float]] = field(default_factory=list)
     decoder_blocks_ms: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    decoder_batching_ms: list[dict[str, float]] = field(default_factory=list)
+    staggered: dict[str, dict[str, float]] = field(default_factory=dict)  # hold on / off
 
 
 # ----------------------------------------------------------------------------- models
@@ -96,15 +127,28 @@ def _constraints(answer_ids: int) -> TokenConstraints:
     return TokenConstraints(pattern=TokenPattern(stop_after=answer_ids))
 
 
-def _tiny_engine(root: Path, device: str, answer_ids: int) -> GLM4VoiceEngine:
-    paths = write_tiny_model_set(root)
+def _tiny_engine(root: Path, device: str, answer_ids: int, warmup: bool) -> GLM4VoiceEngine:
+    """The tiny model set of `root` (written by `main`) through the real loaders."""
     load = LoadOptions(
         device=device, sampling=SamplingConfig(seed=0), constraints=_constraints(answer_ids)
     )
-    return load_engine(paths, load, EngineOptions(max_ahead_s=1e9))
+    options = EngineOptions(max_ahead_s=1e9, warmup=warmup)
+    return load_engine(ModelPaths.from_model_dir(root), load, options)
 
 
-def _full_brain(root: Path, device: str, answer_ids: int) -> GLM4VoiceBrain:
+def _engine(args: argparse.Namespace, root: Path, warmup: bool = True) -> GLM4VoiceEngine:
+    if not args.full:
+        return _tiny_engine(root, args.device, args.answer_ids, warmup)
+
+    def load() -> GLM4VoiceBrain:
+        return _full_brain(root, args.device, args.answer_ids, args.compile_decode)
+
+    return GLM4VoiceEngine(load, EngineOptions(max_ahead_s=1e9, warmup=warmup))
+
+
+def _full_brain(
+    root: Path, device: str, answer_ids: int, compile_decode: bool = False
+) -> GLM4VoiceBrain:
     """Official sizes with random weights: tokenizer and decoder through their file loaders,
     the LM built on the GPU directly (a 19 GB checkpoint would take minutes to write)."""
     paths = ModelPaths.from_model_dir(root)
@@ -115,9 +159,14 @@ def _full_brain(root: Path, device: str, answer_ids: int) -> GLM4VoiceBrain:
     config = ChatGLMConfig.from_dict(tiny_config_dict(**FULL_LM))
     lm = build_random_lm(config, device=device, dtype=torch.bfloat16)
     constraints = _constraints(answer_ids)
-    return GLM4VoiceBrain(
+    if compile_decode:
+        sequences = StaticKVBatch(LMStepper(lm), LoadOptions().static_cache)
+        sequences.compile_step()
+    else:
+        sequences = KVCacheBatch(LMStepper(lm))
+    brain = GLM4VoiceBrain(
         SpeechTokenizer.from_pretrained(paths.tokenizer, device=device),
-        KVCacheBatch(LMStepper(lm)),
+        sequences,
         tokenizer,
         StreamingDecoder.from_pretrained(paths.decoder, device=device),
         SamplingConfig(seed=0),
@@ -125,6 +174,7 @@ def _full_brain(root: Path, device: str, answer_ids: int) -> GLM4VoiceBrain:
         constraints,
         device,
     )
+    return brain
 
 
 def _speech(seconds: float) -> np.ndarray:
@@ -133,6 +183,68 @@ def _speech(seconds: float) -> np.ndarray:
     voiced = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))
     voiced[:4000] = 0.9 * np.sin(2 * np.pi * 900 * t[:4000])  # loudest first
     return (voiced + 0.02 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- 0. warm-up
+
+
+async def _first_turn(args: argparse.Namespace, root: Path, warmup: bool) -> dict:
+    engine = _engine(args, root, warmup)
+    await engine.start()
+    try:
+        stages = await _one_reply(engine, UserTurn(audio=_speech(args.turn_s)))
+        report = engine.warm_up_report
+    finally:
+        await engine.close()
+    return {
+        "stages": stages,
+        "warm_up_s": report.total_s if report else 0.0,
+        "warm_up_stages": dict(report.stages) if report else {},
+    }
+
+
+def first_turn_in_fresh_process(args: argparse.Namespace, root: Path, warmup: bool) -> dict:
+    """Start an engine and answer one spoken turn; runs in a process of its own."""
+    logging.basicConfig(level=logging.WARNING)
+    _cpu_threads(args.device)
+    return asyncio.run(_first_turn(args, root, warmup))
+
+
+def _fresh_first_turns(args: argparse.Namespace, root: Path, warmup: bool) -> dict:
+    """The first turn in `args.repeats` fresh processes: the fastest figure of each stage."""
+    spawn = multiprocessing.get_context("spawn")
+    runs = []
+    for _ in range(args.repeats):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            runs.append(pool.submit(first_turn_in_fresh_process, args, root, warmup).result())
+    best = min(runs, key=lambda run: run["warm_up_s"])
+    stages = {
+        name: min(run["stages"].get(name, float("nan")) for run in runs)
+        for name in runs[0]["stages"]
+    }
+    return {**best, "stages": stages}
+
+
+def bench_warm_up(args: argparse.Namespace, root: Path, report: Report) -> None:
+    results = {
+        name: _fresh_first_turns(args, root, warmup)
+        for name, warmup in (("cold", False), ("warmed", True))
+    }
+    warmed = results["warmed"]
+    report.warm_up_s = warmed["warm_up_s"]
+    report.warm_up_stages_ms = {k: 1e3 * v for k, v in warmed["warm_up_stages"].items()}
+    report.first_turn_ms = {
+        name: {k: 1e3 * v for k, v in result["stages"].items() if k in FIRST_TURN_STAGES}
+        for name, result in results.items()
+    }
+    print(f"\n0. start-up warm-up: {1e3 * report.warm_up_s:.0f} ms (best of {args.repeats})")
+    for name, ms in report.warm_up_stages_ms.items():
+        print(f"   {name:<20} {ms:9.1f} ms")
+    print("   first turn of a fresh process     no warm-up     warm-up   ratio  (fastest run)")
+    for stage in FIRST_TURN_STAGES:
+        cold = report.first_turn_ms["cold"].get(stage, float("nan"))
+        warm = report.first_turn_ms["warmed"].get(stage, float("nan"))
+        print(f"   {stage:<32} {cold:9.1f} ms {warm:8.1f} ms {cold / warm:6.1f}x")
 
 
 # ----------------------------------------------------------------------------- 1. stages
@@ -147,8 +259,7 @@ async def _one_reply(engine: GLM4VoiceEngine, turn: UserTurn, listener=None) -> 
 
 async def bench_stages(engine: GLM4VoiceEngine, turn_s: float, report: Report) -> None:
     speech = _speech(turn_s)
-    await _one_reply(engine, UserTurn(audio=speech))  # warm-up
-    whole = await _one_reply(engine, UserTurn(audio=speech))
+    whole = await _one_reply(engine, UserTurn(audio=speech))  # the engine warmed up at start
     listener = engine.begin_turn()
     for start in range(0, len(speech), 320):
         listener.push(speech[start : start + 320])
@@ -183,32 +294,109 @@ async def _timed_reply(engine: GLM4VoiceEngine, index: int) -> tuple[float, floa
     return first or float("nan"), elapsed, len(reply.job.generated)
 
 
-async def bench_concurrency(engine: GLM4VoiceEngine, report: Report) -> None:
-    print("\n2. concurrent conversations (text turns, fixed-length answers)")
-    print("   convs  LM tok/s per conv  total tok/s  first audio mean / max ms  mean batch")
+async def _concurrency_row(engine: GLM4VoiceEngine, n: int) -> dict[str, float]:
     worker = engine.require_worker()
-    for n in CONCURRENCY:
-        worker.rounds_batch_sizes.clear()
-        started = time.perf_counter()
-        results = await asyncio.gather(*(_timed_reply(engine, i) for i in range(n)))
-        wall = time.perf_counter() - started
-        per_conv = statistics.mean(ids / secs for _, secs, ids in results)
-        firsts = [1e3 * first for first, _, _ in results]
-        batch = statistics.mean(worker.rounds_batch_sizes) if worker.rounds_batch_sizes else 0
-        total = sum(ids for _, _, ids in results) / wall
-        row = {
-            "conversations": n,
-            "lm_tokens_per_s_per_conversation": per_conv,
-            "lm_tokens_per_s_total": total,
-            "first_audio_ms_mean": statistics.mean(firsts),
-            "first_audio_ms_max": max(firsts),
-            "mean_batch": batch,
-        }
-        report.concurrency.append(row)
+    worker.rounds_batch_sizes.clear()
+    worker.decode_batch_sizes.clear()
+    started = time.perf_counter()
+    results = await asyncio.gather(*(_timed_reply(engine, i) for i in range(n)))
+    wall = time.perf_counter() - started
+    firsts = [1e3 * first for first, _, _ in results]
+    sizes, blocks = worker.rounds_batch_sizes, worker.decode_batch_sizes
+    return {
+        "conversations": n,
+        "lm_tokens_per_s_per_conversation": statistics.mean(i / s for _, s, i in results),
+        "lm_tokens_per_s_total": sum(ids for _, _, ids in results) / wall,
+        "first_audio_ms_mean": statistics.mean(firsts),
+        "first_audio_ms_max": max(firsts),
+        "mean_batch": statistics.mean(sizes) if sizes else 0.0,
+        "mean_decoder_batch": statistics.mean(blocks) if blocks else 0.0,
+        "wall_s": wall,
+    }
+
+
+async def bench_concurrency(engine: GLM4VoiceEngine, repeats: int, report: Report) -> None:
+    """Each row is the run (of `repeats`) with the shortest wall time."""
+    print(f"\n2. concurrent conversations (text turns, fixed-length answers; best of {repeats})")
+    brain = engine.brain
+    assert isinstance(brain, GLM4VoiceBrain)
+    rows: dict[bool, list[dict[str, float]]] = {}
+    for batched in (True, False):
+        brain.batch_decoder = batched
+        print(f"   decoder batching {'on' if batched else 'off'}")
+        print("   convs  tok/s per conv  total tok/s  first audio mean / max ms  LM / dec batch")
+        rows[batched] = []
+        for n in CONCURRENCY:
+            runs = [await _concurrency_row(engine, n) for _ in range(repeats)]
+            row = min(runs, key=lambda run: run["wall_s"])
+            row["decoder_batching"] = float(batched)
+            rows[batched].append(row)
+            report.concurrency.append(row)
+            print(
+                f"   {n:5d}  {row['lm_tokens_per_s_per_conversation']:14.1f}  "
+                f"{row['lm_tokens_per_s_total']:11.1f}  {row['first_audio_ms_mean']:10.0f} / "
+                f"{row['first_audio_ms_max']:6.0f}  {row['mean_batch']:7.1f} / "
+                f"{row['mean_decoder_batch']:4.1f}"
+            )
+    brain.batch_decoder = True
+    print("   batching on / off:  convs  total tok/s  first audio mean  wall time")
+    for on, off in zip(rows[True], rows[False], strict=True):
         print(
-            f"   {n:5d}  {per_conv:17.1f}  {total:11.1f}  "
-            f"{row['first_audio_ms_mean']:10.0f} / {row['first_audio_ms_max']:6.0f}  {batch:10.1f}"
+            f"                       {int(on['conversations']):4d}  "
+            f"{on['lm_tokens_per_s_total'] / off['lm_tokens_per_s_total']:11.2f}  "
+            f"{on['first_audio_ms_mean'] / off['first_audio_ms_mean']:16.2f}  "
+            f"{on['wall_s'] / off['wall_s']:9.2f}"
         )
+
+
+async def _paced_reply(engine: GLM4VoiceEngine, index: int) -> float:
+    """One text turn started `index` staggers late, its audio taken at playback pace;
+    returns its first-audio latency (s)."""
+    await asyncio.sleep(index * STAGGER_S)
+    started = time.perf_counter()
+    reply = engine.respond(UserTurn(text=f"hello {index}"), [])
+    first, received = None, 0.0
+    async for event in reply:
+        if not isinstance(event, AudioChunk):
+            continue
+        now = time.perf_counter()
+        if first is None:
+            first = now
+        received += event.duration_s
+        await asyncio.sleep(max(0.0, first + received - PLAYBACK_LEAD_S - now))
+    return (first or float("nan")) - started
+
+
+async def bench_staggered(engine: GLM4VoiceEngine, report: Report) -> None:
+    """At the tiny size on a CPU, generation runs barely faster than playback, so a reply is
+    rarely the engine's default `decoder_hold_s` ahead; the waiting policy here takes any lead
+    (on a GPU replies run seconds ahead and the default applies)."""
+    worker = engine.require_worker()
+    policy = worker.hold
+    print(
+        f"\n   {STAGGERED_CONVERSATIONS} conversations starting {1e3 * STAGGER_S:.0f} ms apart, "
+        "played at real-time pace (blocks wait for any lead over playback)"
+    )
+    print("   later blocks  decoder calls  blocks per call  decoder s  first audio mean ms")
+    for name, hold in (("wait", BlockHold(min_ahead_s=0.0)), ("never wait", None)):
+        worker.hold = hold
+        worker.decode_batch_sizes.clear()
+        worker.decoder_s = 0.0
+        n = STAGGERED_CONVERSATIONS
+        firsts = await asyncio.gather(*(_paced_reply(engine, i) for i in range(n)))
+        sizes = list(worker.decode_batch_sizes)
+        row = {
+            "decoder_calls": len(sizes),
+            "blocks_per_call": statistics.mean(sizes) if sizes else 0.0,
+            "decoder_s": worker.decoder_s,
+            "first_audio_ms_mean": 1e3 * statistics.mean(firsts),
+        }
+        report.staggered[name] = row
+        print(
+            f"   {name:<12}  {row['decoder_calls']:13d}  {row['blocks_per_call']:15.2f}  "
+            f"{row['decoder_s']:9.2f}  {row['first_audio_ms_mean']:19.0f}"
+        )
+    worker.hold = policy
 
 
 # ----------------------------------------------------------------------------- 3. decoder
@@ -258,35 +446,78 @@ def bench_decoder(
         print("     real-time factor" + "".join(f"{r:6.2f}" for r in rtf))
 
 
+def _streams_ms(
+    decoder: StreamingDecoder, codes: list[list[int]], batched: bool, device: str
+) -> float:
+    """ms to decode one block of each stream's codes after a first block (steady state)."""
+    block = decoder.config.block_tokens
+    streams = [decoder.new_stream(seed) for seed in range(len(codes))]
+    for stream, ids in zip(streams, codes, strict=True):
+        decoder.push(stream, ids[:block])
+    began = time.perf_counter()
+    with torch.inference_mode():
+        if batched:
+            requests = [(s, ids[block:], False) for s, ids in zip(streams, codes, strict=True)]
+            decoder.decode_many(requests)
+        else:
+            for stream, ids in zip(streams, codes, strict=True):
+                decoder.push(stream, ids[block:])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - began)
+
+
+def bench_decoder_batching(decoder_dir: Path, device: str, repeats: int, report: Report) -> None:
+    """The second block of n streams at once: one batched call vs. n calls (best of runs)."""
+    decoder = StreamingDecoder.from_pretrained(decoder_dir, device=device)
+    block = decoder.config.block_tokens
+    gen = torch.Generator().manual_seed(2)
+    print("\n   fast decoder, one block of n streams: batched vs. one after the other")
+    print("     streams  batched ms  one by one ms  ratio")
+    _streams_ms(decoder, [list(range(2 * block))] * 2, True, device)  # warm-up
+    for n in DECODER_STREAMS:
+        codes = [torch.randint(0, 16384, (2 * block,), generator=gen).tolist() for _ in range(n)]
+        batched = min(_streams_ms(decoder, codes, True, device) for _ in range(repeats))
+        serial = min(_streams_ms(decoder, codes, False, device) for _ in range(repeats))
+        report.decoder_batching_ms.append(
+            {"streams": n, "batched_ms": batched, "one_by_one_ms": serial}
+        )
+        print(f"     {n:7d}  {batched:10.1f}  {serial:13.1f}  {serial / batched:5.2f}x")
+
+
 # ----------------------------------------------------------------------------- main
 
 
-async def run(args: argparse.Namespace, root: Path) -> Report:
-    device = args.device
-    if args.full:
-        brain = await asyncio.to_thread(_full_brain, root, device, args.answer_ids)
-        engine = GLM4VoiceEngine(lambda: brain, EngineOptions(max_ahead_s=1e9))
-    else:
-        engine = _tiny_engine(root, device, args.answer_ids)
-    report = Report("full (random weights)" if args.full else "tiny", device)
+async def run(args: argparse.Namespace, root: Path, report: Report) -> None:
+    engine = _engine(args, root)
     await engine.start()
     try:
         await bench_stages(engine, args.turn_s, report)
-        await bench_concurrency(engine, report)
+        await bench_concurrency(engine, args.repeats, report)
+        await bench_staggered(engine, report)
     finally:
         await engine.close()
-    bench_decoder(root / DECODER_FOLDER, device, args.decoder_tokens, args.repeats, report)
-    return report
+
+
+def _cpu_threads(device: str) -> None:
+    """One intra-op thread on the CPU: the tiny models gain nothing from more, and on a small
+    machine a second OpenMP team (the worker thread's) spin-waiting against the first makes
+    the worker's model calls several times slower, and their timings bimodal."""
+    if device == "cpu":
+        torch.set_num_threads(1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="official sizes, random weights, CUDA")
+    p.add_argument(
+        "--compile-decode", action="store_true", help="with --full: static KV cache, CUDA graphs"
+    )
     p.add_argument("--device", default=None, help="default: cuda with --full, else cpu")
     p.add_argument("--turn-s", type=float, default=6.0, help="spoken turn length")
     p.add_argument("--answer-ids", type=int, default=78, help="LM ids per answer (13:26 layout)")
     p.add_argument("--decoder-tokens", type=int, default=150, help="answer length for part 3")
-    p.add_argument("--repeats", type=int, default=2, help="decoder runs (best block counts)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per figure (the best counts)")
     p.add_argument("--json", type=Path, help="also write the figures to this file")
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -295,20 +526,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if args.full else "cpu"
     if args.full and not torch.cuda.is_available():
         p.error("--full needs a CUDA GPU")
+    if args.compile_decode and not args.full:
+        p.error("--compile-decode needs --full")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.device == "cpu":
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
+    _cpu_threads(args.device)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for folder in (TOKENIZER_FOLDER, LM_FOLDER, DECODER_FOLDER):
             (root / folder).mkdir()
-        report = asyncio.run(run(args, root))
+        if not args.full:
+            write_tiny_model_set(root)
+        report = Report("full (random weights)" if args.full else "tiny", args.device)
+        bench_warm_up(args, root, report)
+        asyncio.run(run(args, root, report))
+        decoder_dir = root / DECODER_FOLDER
+        bench_decoder(decoder_dir, args.device, args.decoder_tokens, args.repeats, report)
+        bench_decoder_batching(decoder_dir, args.device, args.repeats, report)
     print(f"\n({report.size} on {report.device}; {time.perf_counter() - started:.0f} s in all)")
     if args.json is not None:
         args.json.write_text(json.dumps(asdict(report), indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,10 @@ from agent.session import SessionConfig
 from audio_dsp import EndpointerConfig, to_mono_float32
 from models.decoder import AudioDecoder, StreamingDecoder
 from models.glm4voice import GLM4VoiceEngine, ModelPaths, load_engine
-from models.glm4voice.brain import LoadOptions
+from models.glm4voice.brain import GLM4VoiceBrain, LoadOptions
 from models.glm4voice.engine import EngineOptions
 from models.glm4voice.tokens import TokenConstraints, TokenPattern
+from models.glm4voice.worker import BlockHold, Job, ModelWorker
 from models.lm import GLM4VoiceTokenizer, SamplingConfig, audio_tokens_text, build_prompt
 from models.make_tiny import write_tiny_model_set
 from models.speech_tokenizer import SpeechTokenizer
@@ -369,3 +371,106 @@ async def test_webrtc_conversation_holds_two_turns_and_can_be_interrupted(
     finally:
         await runner.cleanup()
         await engine.close()
+
+
+# ----------------------------------------------------------------------------- speed paths
+
+
+class StageSpy:
+    """Records which stages of a loaded brain ran, on which thread, before the first reply."""
+
+    def __init__(self, brain: GLM4VoiceBrain) -> None:
+        self.calls: list[tuple[str, str, int]] = []  # (stage, thread, batch size)
+        self._wrap(brain.speech_tokenizer, "tokenize", "speech_tokenizer", lambda a: 1)
+        self._wrap(brain.sequences, "prefill", "prefill", lambda a: 1)
+        self._wrap(brain.sequences, "step", "lm_step", lambda a: len(a[0]))
+        self._wrap(brain.reply_decoder, "decode_many", "decoder", lambda a: len(a[0]))
+
+    def _wrap(self, owner: object, name: str, stage: str, size) -> None:
+        original = getattr(owner, name)
+
+        def spied(*args, **kwargs):
+            self.calls.append((stage, threading.current_thread().name, size(args)))
+            return original(*args, **kwargs)
+
+        setattr(owner, name, spied)
+
+    def stages(self) -> set[str]:
+        return {stage for stage, _, _ in self.calls}
+
+
+async def test_warm_up_runs_every_stage_on_the_worker_before_start_returns(tiny_paths, tokenizer):
+    spies: list[StageSpy] = []
+
+    def load() -> GLM4VoiceBrain:
+        brain = GLM4VoiceBrain.load(tiny_paths, _load_options(tokenizer))
+        spies.append(StageSpy(brain))
+        return brain
+
+    engine = GLM4VoiceEngine(load, EngineOptions())
+    await engine.start()
+    try:
+        spy = spies[0]
+        assert spy.stages() == {"speech_tokenizer", "prefill", "lm_step", "decoder"}
+        assert {thread for _, thread, _ in spy.calls} == {"glm4voice-worker"}
+        assert [n for stage, _, n in spy.calls if stage == "lm_step"] == [1, 1, 1, 2, 2, 2]
+        assert [n for stage, _, n in spy.calls if stage == "decoder"] == [2]
+        report = engine.warm_up_report
+        assert report is not None
+        assert set(report.stages) == {
+            "speech_tokenizer",
+            "prefill",
+            "sampling",
+            "lm_step",
+            "decoder",
+        }
+        brain = engine.brain
+        assert brain.sequences.batch_keys == [] and brain.listen_stats.whole_turns == 0
+        # The first turn gets the answer it gets without a warm-up: the warm-up left no
+        # LM rows behind and used no reply's sampling or decoder stream.
+        warmed = engine.respond(UserTurn(audio=_speech(1.5)), [])
+        warmed_events = await _collect(warmed)
+    finally:
+        await engine.close()
+    cold_engine = await _started(tiny_paths, tokenizer, warmup=False)
+    try:
+        assert cold_engine.warm_up_report is None
+        cold = cold_engine.respond(UserTurn(audio=_speech(1.5)), [])
+        cold_events = await _collect(cold)
+    finally:
+        await cold_engine.close()
+    assert warmed.job.generated == cold.job.generated
+    np.testing.assert_allclose(_audio(warmed_events), _audio(cold_events), atol=1e-5)
+    assert set(warmed.timings.stages) >= {"speech_tokenizer", "prefill", "first_audio"}
+
+
+@pytest.mark.parametrize("lag_rounds", [0, 3])
+def test_replies_decoded_in_one_batch_get_the_audio_each_gets_alone(
+    tiny_paths, tokenizer, lag_rounds
+):
+    """Rounds driven by hand on the real models. In lockstep every block of one reply is
+    batched with the other's; three rounds apart, later blocks wait for each other."""
+    brain = GLM4VoiceBrain.load(tiny_paths, _load_options(tokenizer))
+    worker = ModelWorker(brain, hold=BlockHold(min_ahead_s=0.0, max_rounds=10))
+    events: list[list] = [[], []]
+    jobs = [
+        Job(None, f"hello {i}", "", events[i].append, max_new_tokens=1000, max_ahead_s=1e9)
+        for i in range(2)
+    ]
+    with torch.inference_mode():
+        worker.submit(jobs[0])
+        for _ in range(lag_rounds):
+            worker._round()
+        worker.submit(jobs[1])
+        while not all(job.finished.is_set() for job in jobs):
+            worker._round()
+    sizes = list(worker.decode_batch_sizes)
+    if lag_rounds == 0:
+        assert set(sizes) == {2}
+    else:
+        assert sizes.count(2) >= 2 and sizes.count(1) >= 2  # the first blocks never wait
+    decoder = brain.reply_decoder.decoder
+    for job, reply_events in zip(jobs, events, strict=True):
+        codes = _codes(tokenizer, job.generated)
+        alone, _ = decoder.decode(torch.tensor([codes]))
+        np.testing.assert_allclose(_audio(reply_events), alone[0].numpy(), atol=2e-4, rtol=1e-3)

@@ -19,7 +19,7 @@ from models.glm4voice.batching import KVCacheBatch, SerialBatch
 from models.glm4voice.brain import LoadOptions
 from models.glm4voice.engine import EngineOptions, GLM4VoiceEngine, history_prefix
 from models.glm4voice.tokens import TokenConstraints, TokenMasks, TokenPattern, sample_nucleus
-from models.glm4voice.worker import Job, ModelWorker
+from models.glm4voice.worker import AudioBlock, BlockHold, Job, ModelWorker
 from models.lm import LMStepper, build_random_lm
 from models.lm.configuration_lm import ChatGLMConfig
 from models.lm.tiny import tiny_config_dict
@@ -53,6 +53,7 @@ class ScriptedBrain:
 
     sample_rate = 22050
     block_tokens = None
+    max_sequences = None
 
     def __init__(self, rounds: int = 3, step_delay: float = 0.0, fail_at: int | None = None):
         self.script: list[int] = []
@@ -69,6 +70,9 @@ class ScriptedBrain:
         self.heard: list[np.ndarray] = []
         self.steps = 0
         self.busy = threading.Event()
+        self.decode_calls: list[list[int]] = []  # job keys of each decoder call
+        self.warm_ups: list[tuple[str, int, int]] = []  # (thread, max_batch, jobs started)
+        self.warm_up_error: Exception | None = None
 
     def listen(self, listener, samples: np.ndarray) -> None:
         self.heard.append(samples)
@@ -99,6 +103,16 @@ class ScriptedBrain:
     def decode_audio(self, job: Job, codes: list[int], final: bool) -> np.ndarray:
         self.decoded_blocks.append((list(codes), final))
         return np.full(len(codes) * SAMPLES_PER_TOKEN, 0.1, dtype=np.float32)
+
+    def decode_audio_many(self, blocks: list[AudioBlock]) -> list[np.ndarray]:
+        self.decode_calls.append([block.job.key for block in blocks])
+        return [self.decode_audio(block.job, block.codes, block.final) for block in blocks]
+
+    def warm_up(self, max_batch: int) -> dict[str, float]:
+        self.warm_ups.append((threading.current_thread().name, max_batch, len(self.prompts)))
+        if self.warm_up_error is not None:
+            raise self.warm_up_error
+        return {"lm_step": 0.001, "decoder": 0.002}
 
     def text_stream(self) -> ScriptedText:
         return ScriptedText()
@@ -581,3 +595,165 @@ async def test_a_failed_batched_step_ends_the_replies_in_it_and_the_worker_serve
         await engine.close()
     assert sum(len(e.samples) for e in events if isinstance(e, AudioChunk)) == 52 * 1764
     assert sorted(brain.released)[:2] == sorted(r.job.key for r in replies)
+
+
+# ----------------------------------------------------------------------------- warm-up
+
+
+async def test_start_warms_up_on_the_worker_thread_before_any_reply():
+    brain = ScriptedBrain(rounds=1)
+    engine = await _engine(brain, max_jobs=8)
+    try:
+        assert brain.warm_ups == [("glm4voice-worker", 8, 0)]  # done when start() returned
+        report = engine.warm_up_report
+        assert report is not None and set(report.stages) == {"lm_step", "decoder"}
+        assert report.total_s >= 0.0
+        await _collect(engine.respond(UserTurn(text="hi"), []))
+    finally:
+        await engine.close()
+    assert len(brain.warm_ups) == 1  # once per start, not per reply
+
+
+async def test_warm_up_can_be_skipped():
+    brain = ScriptedBrain(rounds=1)
+    engine = await _engine(brain, warmup=False)
+    try:
+        assert brain.warm_ups == [] and engine.warm_up_report is None
+        events = await _collect(engine.respond(UserTurn(text="hi"), []))
+    finally:
+        await engine.close()
+    assert any(isinstance(e, AudioChunk) for e in events)
+
+
+async def test_a_failed_warm_up_still_starts_a_serving_engine():
+    brain = ScriptedBrain(rounds=1)
+    brain.warm_up_error = RuntimeError("no memory for the warm-up")
+    engine = await _engine(brain)
+    try:
+        assert engine.warm_up_report is None
+        events = await _collect(engine.respond(UserTurn(text="hi"), []))
+    finally:
+        await engine.close()
+    assert sum(len(e.samples) for e in events if isinstance(e, AudioChunk)) == 26 * 1764
+
+
+# ----------------------------------------------------------------------------- decoder batching
+
+
+def _job(text: str, events: list) -> Job:
+    return Job(
+        turn_audio=None,
+        turn_text=text,
+        history_prefix="",
+        emit=events.append,
+        max_new_tokens=1000,
+        max_ahead_s=1e9,
+    )
+
+
+def test_blocks_ready_in_the_same_round_reach_the_decoder_in_one_call():
+    """Rounds driven by hand: two replies submitted together run in lockstep."""
+    brain = ScriptedBrain(rounds=2)
+    brain.block_tokens = 10
+    worker = ModelWorker(brain)
+    events: list[list] = [[], []]
+    jobs = [_job(str(i), events[i]) for i in range(2)]
+    for job in jobs:
+        worker.submit(job)
+    while not all(job.finished.is_set() for job in jobs):
+        assert worker._round()
+    keys = sorted(job.key for job in jobs)
+    assert [sorted(call) for call in brain.decode_calls] == [keys] * 6  # 5 blocks, 1 flush
+    assert list(worker.decode_batch_sizes) == [2] * 6
+    for reply_events in events:
+        audio = [e for e in reply_events if isinstance(e, AudioChunk)]
+        assert sum(len(a.samples) for a in audio) == 52 * 1764
+
+
+async def test_a_failed_decoder_call_ends_only_the_replies_it_decoded():
+    brain = ScriptedBrain(rounds=2)
+    original = brain.decode_audio_many
+
+    def fail_for_text_a(blocks):
+        if any(block.job.turn_text == "a" for block in blocks):
+            raise RuntimeError("decoder out of memory")
+        return original(blocks)
+
+    brain.decode_audio_many = fail_for_text_a
+    engine = await _engine(brain)
+    try:
+        doomed = engine.respond(UserTurn(text="a"), [])
+        with pytest.raises(EngineError, match="decoder out of memory"):
+            await _collect(doomed)
+        events = await _collect(engine.respond(UserTurn(text="b"), []))
+    finally:
+        await engine.close()
+    assert sum(len(e.samples) for e in events if isinstance(e, AudioChunk)) == 52 * 1764
+    assert doomed.job.key in brain.released
+
+
+def test_replies_beyond_the_brains_lm_rows_wait_for_a_row():
+    brain = ScriptedBrain(rounds=1)
+    brain.max_sequences = 2
+    worker = ModelWorker(brain)
+    events: list[list] = [[], [], []]
+    jobs = [_job(str(i), events[i]) for i in range(3)]
+    for job in jobs:
+        worker.submit(job)
+    assert worker._round()
+    assert [job.started for job in jobs] == [True, True, False]
+    while not all(job.finished.is_set() for job in jobs):
+        assert worker._round()
+    assert max(brain.batch_sizes) == 2
+    assert brain.prompts == [
+        f"<|user|>\n{i}<|assistant|>streaming_transcription\n" for i in range(3)
+    ]
+    assert all(
+        sum(len(e.samples) for e in ev if isinstance(e, AudioChunk)) == 26 * 1764 for ev in events
+    )
+
+
+def _staggered(hold: BlockHold | None, lag_rounds: int = 3) -> tuple[ScriptedBrain, list[list]]:
+    """Two replies, the second submitted `lag_rounds` rounds after the first; nobody plays
+    their audio, so it all stays ahead of playback."""
+    brain = ScriptedBrain(rounds=2)
+    brain.block_tokens = 10
+    worker = ModelWorker(brain, hold=hold)
+    events: list[list] = [[], []]
+    jobs = [_job(str(i), events[i]) for i in range(2)]
+    worker.submit(jobs[0])
+    for _ in range(lag_rounds):
+        worker._round()
+    worker.submit(jobs[1])
+    while not all(job.finished.is_set() for job in jobs):
+        assert worker._round()
+    return brain, events
+
+
+def test_later_blocks_of_replies_out_of_step_wait_to_share_a_decoder_call():
+    brain, events = _staggered(BlockHold(min_ahead_s=0.5, max_rounds=10))
+    # First blocks never wait; later ones meet the other reply's block three rounds on; the
+    # second reply's final flush has nobody left to wait for.
+    assert [len(call) for call in brain.decode_calls] == [1, 1, 2, 2, 2, 2, 1]
+    for reply_events in events:
+        audio = [e for e in reply_events if isinstance(e, AudioChunk)]
+        assert sum(len(a.samples) for a in audio) == 52 * 1764
+    codes = [c for c, _ in brain.decoded_blocks]
+    assert sorted(code for block in codes for code in block) == sorted(list(range(52)) * 2)
+
+
+# Without waiting, the two replies share a call only where the first one's final flush falls
+# in the round of the second one's last full block.
+UNHELD_CALLS = [1] * 9 + [2, 1]
+
+
+def test_blocks_do_not_wait_without_a_hold_policy_or_beyond_its_rounds():
+    brain, _ = _staggered(None)
+    assert [len(call) for call in brain.decode_calls] == UNHELD_CALLS
+    brain, _ = _staggered(BlockHold(min_ahead_s=0.5, max_rounds=2))  # partner is 3 rounds off
+    assert [len(call) for call in brain.decode_calls] == UNHELD_CALLS
+
+
+def test_blocks_do_not_wait_when_playback_is_close_behind():
+    brain, _ = _staggered(BlockHold(min_ahead_s=1e6, max_rounds=10))
+    assert [len(call) for call in brain.decode_calls] == UNHELD_CALLS

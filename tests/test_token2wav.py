@@ -286,3 +286,80 @@ def test_fast_vocoder_chunks_join_like_one_shot_vocoding(fast_decoder: Streaming
     distance = log_mel_distance(streamed, one_shot, joins)
     assert distance.overall < 0.08 and distance.at_joins < 0.12
     assert (streamed - one_shot).abs().max() < 0.2 * one_shot.abs().max()
+
+
+# ----- several streams in one call --------------------------------------------------------
+
+
+def _alone(decoder: StreamingDecoder, tokens: Tensor, seed: int, sizes: list[int]) -> Tensor:
+    """A stream decoded on its own, handed its tokens in blocks of `sizes`."""
+    stream = decoder.new_stream(seed)
+    bounds = np.cumsum([0, *sizes]).tolist()
+    parts = [
+        decoder.decode_block(stream, tokens[:, a:b], finalize=b == bounds[-1])
+        for a, b in zip(bounds, bounds[1:], strict=False)
+    ]
+    return torch.cat(parts, dim=-1)
+
+
+def _flow_batch_sizes(decoder: StreamingDecoder) -> tuple[list[int], object]:
+    sizes: list[int] = []
+    handle = decoder.flow.decoder.register_forward_hook(
+        lambda _module, args, _out: sizes.append(int(args[0].shape[0]))
+    )
+    return sizes, handle
+
+
+def test_batched_decoding_of_two_streams_gives_each_the_audio_it_gets_alone(
+    fast_decoder: StreamingDecoder,
+) -> None:
+    sizes = [10, 10, 10, 7]
+    first, second = _tokens(37, seed=1), _tokens(37, seed=2)
+    streams = [fast_decoder.new_stream(5), fast_decoder.new_stream(6)]
+    batch_sizes, handle = _flow_batch_sizes(fast_decoder)
+    try:
+        start, parts = 0, [[], []]
+        for size in sizes:
+            end, final = start + size, start + size == 37
+            out = fast_decoder.decode_many(
+                [(streams[0], first[0, start:end].tolist(), final)]
+                + [(streams[1], second[0, start:end].tolist(), final)]
+            )
+            for index, speech in enumerate(out):
+                parts[index].append(speech)
+            start = end
+    finally:
+        handle.remove()
+    assert batch_sizes == [2] * len(sizes)  # equal shapes: one flow call for both streams
+    for index, (tokens, seed) in enumerate([(first, 5), (second, 6)]):
+        batched = torch.cat(parts[index], dim=-1)
+        torch.testing.assert_close(
+            batched, _alone(fast_decoder, tokens, seed, sizes), atol=2e-4, rtol=1e-3
+        )
+
+
+def test_streams_at_different_points_are_decoded_in_one_call_without_mixing(
+    fast_decoder: StreamingDecoder,
+) -> None:
+    """A stream three blocks in and a fresh one: their flow windows differ, so each gets its
+    own sampler call (their final flushes share a vocoder call), and both get their lone audio."""
+    old, new = _tokens(50, seed=3), _tokens(20, seed=4)
+    ahead = fast_decoder.new_stream(7)
+    head = fast_decoder.decode_block(ahead, old[:, :30], finalize=False)
+    fresh = fast_decoder.new_stream(8)
+    out = fast_decoder.decode_many(
+        [(ahead, old[0, 30:].tolist(), True), (fresh, new[0].tolist(), True)]
+    )
+    torch.testing.assert_close(
+        torch.cat([head, out[0]], dim=-1),
+        _alone(fast_decoder, old, 7, [30, 20]),
+        atol=2e-4,
+        rtol=1e-3,
+    )
+    torch.testing.assert_close(out[1], _alone(fast_decoder, new, 8, [20]), atol=2e-4, rtol=1e-3)
+
+
+def test_decode_many_refuses_one_stream_twice(fast_decoder: StreamingDecoder) -> None:
+    stream = fast_decoder.new_stream()
+    with pytest.raises(ValueError, match="at most once"):
+        fast_decoder.decode_many([(stream, [1] * 10, False), (stream, [2] * 10, False)])

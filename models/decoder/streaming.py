@@ -21,13 +21,20 @@ the same token -> frame alignment but bounds the work per block:
 
 The first block needs only `block_tokens` (10) tokens. State lives in a `FastStream` per
 utterance.
+
+`decode_many` serves several streams at once: their blocks go through the flow sampler (with
+its classifier-free guidance) and the vocoder as one batch wherever the shapes agree (same
+window tokens, frames and prompt frames; same vocoder input length). Blocks are never padded:
+the flow's group norms and the vocoder's convolutions would see the padding, so grouping equal
+shapes is what keeps a batched stream's audio equal to the audio it gets alone.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +46,7 @@ from models.hift import HiFTGenerator, SourceDraws
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FastStream", "StreamingConfig", "StreamingDecoder"]
+__all__ = ["BlockRequest", "FastStream", "StreamingConfig", "StreamingDecoder"]
 
 FRAMES_PER_TOKEN = 22050 / 256 / 12.5  # 6.89 mel frames per 12.5 Hz token
 
@@ -102,6 +109,42 @@ class FastStream:
     voc_cycles: Tensor | None = None
     audio_tail: Tensor | None = None
     finished: bool = False
+
+
+# (stream, token ids, final): what `decode_block` takes, for one stream of `decode_many`.
+BlockRequest = tuple[FastStream, Sequence[int], bool]
+
+
+@dataclass
+class _Unit:
+    """One block (or, when final with no tokens left, one flush) of one stream."""
+
+    stream: FastStream
+    block: list[int]
+    final: bool
+
+
+@dataclass
+class _FlowPlan:
+    """The flow sampler's inputs for one block: window features [1, W, 80], prompt mel."""
+
+    window: Tensor
+    n_frames: int
+    prompt: Tensor
+    first_token: int
+    last_token: int
+
+    @property
+    def key(self) -> Hashable:
+        return (self.window.shape[1], self.n_frames, self.prompt.shape[-1])
+
+
+def _groups(keys: Sequence[Hashable]) -> list[list[int]]:
+    """Indices with equal keys, groups in order of first appearance."""
+    grouped: dict[Hashable, list[int]] = defaultdict(list)
+    for index, key in enumerate(keys):
+        grouped[key].append(index)
+    return list(grouped.values())
 
 
 def _raised_cosine(n: int, device: torch.device | None = None) -> Tensor:
@@ -182,10 +225,43 @@ class StreamingDecoder:
             raise RuntimeError("stream already finished")
         block, stream.pending = stream.pending, []
         stream.finished = True
-        if block:
-            return self._decode_block(stream, block, final=True)
-        frames = stream.lookahead if stream.lookahead is not None else torch.zeros(1, 80, 0)
-        return self.vocode_frames(stream, frames.to(self._device), final=True)
+        return self._decode_units([_Unit(stream, block, final=True)])[0]
+
+    @torch.inference_mode()
+    def decode_many(self, requests: Sequence[BlockRequest]) -> list[Tensor]:
+        """`decode_block` for several distinct streams in batched model calls.
+
+        Each request is (stream, token ids, final) with `decode_block`'s meaning; returns the
+        speech [1, S] of each request, in order. The k-th blocks of all requests are decoded
+        together, batched where their shapes agree."""
+        streams = [stream for stream, _, _ in requests]
+        if len({id(stream) for stream in streams}) != len(streams):
+            raise ValueError("decode_many takes each stream at most once")
+        units = [self._units_of(stream, ids, final) for stream, ids, final in requests]
+        outputs: list[list[Tensor]] = [[] for _ in requests]
+        for wave in range(max((len(u) for u in units), default=0)):
+            owners = [i for i, unit_list in enumerate(units) if wave < len(unit_list)]
+            speech = self._decode_units([units[i][wave] for i in owners])
+            for owner, chunk in zip(owners, speech, strict=True):
+                outputs[owner].append(chunk)
+        empty = torch.zeros(1, 0, device=self._device)
+        return [torch.cat(chunks, dim=-1) if chunks else empty for chunks in outputs]
+
+    def _units_of(self, stream: FastStream, ids: Sequence[int], final: bool) -> list[_Unit]:
+        """Take the complete blocks (and, when final, the rest) out of the stream's pending."""
+        if stream.finished:
+            raise RuntimeError("stream already finished")
+        stream.pending.extend(int(t) for t in ids)
+        size = self.config.block_tokens
+        units = []
+        while len(stream.pending) >= size:
+            units.append(_Unit(stream, stream.pending[:size], final=False))
+            del stream.pending[:size]
+        if final:
+            units.append(_Unit(stream, stream.pending, final=True))
+            stream.pending = []
+            stream.finished = True
+        return units
 
     def decode_block(self, stream: FastStream, token: Tensor, finalize: bool) -> Tensor:
         """Same call shape as `AudioDecoder.decode_block`, so either decoder can serve a
@@ -210,8 +286,23 @@ class StreamingDecoder:
     # ----- flow ---------------------------------------------------------------------------
 
     def _decode_block(self, stream: FastStream, block: list[int], final: bool) -> Tensor:
-        frames = self._flow_block(stream, block, final)
-        return self.vocode_frames(stream, frames, final)
+        return self._decode_units([_Unit(stream, block, final)])[0]
+
+    def _decode_units(self, units: Sequence[_Unit]) -> list[Tensor]:
+        """Speech [1, S] of one unit per distinct stream: flow, then vocoder, each batched."""
+        with_tokens = [i for i, unit in enumerate(units) if unit.block]
+        frames: list[Tensor | None] = [None] * len(units)
+        flowed = self._flow_blocks([units[i] for i in with_tokens])
+        for index, done in zip(with_tokens, flowed, strict=True):
+            frames[index] = done
+        for index, unit in enumerate(units):
+            if frames[index] is None:  # a final flush: the provisional frames become final
+                held = unit.stream.lookahead
+                frames[index] = held.to(self._device) if held is not None else self._no_frames()
+        return self._vocode_many([unit.stream for unit in units], frames, [u.final for u in units])
+
+    def _no_frames(self) -> Tensor:
+        return torch.zeros(1, 80, 0, device=self._device, dtype=self._dtype)
 
     def _encode(self, stream: FastStream, block: list[int], final: bool) -> Tensor:
         token = torch.tensor([block], dtype=torch.long, device=self._device)
@@ -220,23 +311,42 @@ class StreamingDecoder:
             stream.encoder_cache = cache.trim(self.config.encoder_cache_tokens)
         return h_new
 
-    def _flow_block(self, stream: FastStream, block: list[int], final: bool) -> Tensor:
-        """Generate the block's mel; returns the frames that became final [1, 80, n]."""
-        cfg = self.config
-        h_new = self._encode(stream, block, final)
-        a, b = stream.n_tokens, stream.n_tokens + len(block)
+    def _flow_blocks(self, units: Sequence[_Unit]) -> list[Tensor]:
+        """Each unit's mel frames that became final [1, 80, n]: encoded one by one (a few
+        tokens each), sampled in one flow call per group of equal shapes."""
+        plans = [self._plan(unit) for unit in units]
+        mels: list[Tensor | None] = [None] * len(units)
+        for group in _groups([plan.key for plan in plans]):
+            sampled = self._sample_batch(
+                [plans[i] for i in group], [units[i].stream.generator for i in group]
+            )
+            for row, index in enumerate(group):
+                mels[index] = sampled[row : row + 1]
+        return [
+            self._settle(unit, plan, mel)  # type: ignore[arg-type]
+            for unit, plan, mel in zip(units, plans, mels, strict=True)
+        ]
+
+    def _plan(self, unit: _Unit) -> _FlowPlan:
+        stream = unit.stream
+        h_new = self._encode(stream, unit.block, unit.final)
+        a, b = stream.n_tokens, stream.n_tokens + len(unit.block)
         context = stream.features if stream.features is not None else h_new[:, :0]
         window = torch.cat([context, h_new], dim=1)  # (1, tokens of window, 80)
         f_start, f_end = mel_frames_for_tokens(a - context.shape[1]), mel_frames_for_tokens(b)
         n_prompt = stream.mel_end - f_start if stream.mel is not None else 0
-        prompt = self._prompt(stream, n_prompt)
-        mel = self._sample(window, f_end - f_start, prompt, stream.generator)[:, :, n_prompt:]
+        return _FlowPlan(window, f_end - f_start, self._prompt(stream, n_prompt), a, b)
+
+    def _settle(self, unit: _Unit, plan: _FlowPlan, sampled: Tensor) -> Tensor:
+        """Cross-fade the sampled mel into the stream; returns the frames that became final."""
+        cfg, stream = self.config, unit.stream
+        mel = sampled[:, :, plan.prompt.shape[-1] :]
         if stream.lookahead is not None:
             mel = self._crossfade_lookahead(mel, stream.lookahead)
-        stream.n_tokens = b
-        stream.features = window[:, -cfg.context_tokens :]
-        keep = mel.shape[-1] if final else mel.shape[-1] - cfg.lookahead_frames
-        stream.lookahead = None if final else mel[:, :, keep:]
+        stream.n_tokens = plan.last_token
+        stream.features = plan.window[:, -cfg.context_tokens :]
+        keep = mel.shape[-1] if unit.final else mel.shape[-1] - cfg.lookahead_frames
+        stream.lookahead = None if unit.final else mel[:, :, keep:]
         done = mel[:, :, :keep]
         history = done if stream.mel is None else torch.cat([stream.mel, done], dim=-1)
         stream.mel = history[:, :, -math.ceil(cfg.context_tokens * FRAMES_PER_TOKEN + 2) :]
@@ -250,17 +360,20 @@ class StreamingDecoder:
             raise RuntimeError("mel history shorter than the context window")
         return stream.mel[:, :, -n_prompt:]
 
-    def _sample(
-        self, features: Tensor, n_frames: int, prompt: Tensor, generator: torch.Generator
+    def _sample_batch(
+        self, plans: Sequence[_FlowPlan], generators: Sequence[torch.Generator]
     ) -> Tensor:
-        """Flow sampler over a window: mu from the token features, cond = prompt mel on the
-        first frames, noise from the stream's generator. Returns [1, 80, n_frames]."""
-        mu = self.flow.regulate(features, n_frames)
+        """Flow sampler over windows of equal shape: mu from the token features, cond = prompt
+        mel on the first frames, noise from each stream's generator. Returns [B, 80, n]."""
+        n_frames, n_prompt = plans[0].n_frames, plans[0].prompt.shape[-1]
+        # The length regulator is a small conv stack: run per window, batch the sampler.
+        mu = torch.cat([self.flow.regulate(plan.window, n_frames) for plan in plans])
         cond = torch.zeros_like(mu)
-        cond[:, :, : prompt.shape[-1]] = prompt
-        mask = torch.ones(1, 1, n_frames, device=mu.device, dtype=mu.dtype)
-        noise = torch.randn(1, 80, n_frames, generator=generator)
-        return self.flow.decoder(mu, mask, self._spks, cond, self.config.n_timesteps, noise.to(mu))
+        cond[:, :, :n_prompt] = torch.cat([plan.prompt for plan in plans])
+        mask = torch.ones(len(plans), 1, n_frames, device=mu.device, dtype=mu.dtype)
+        noise = torch.cat([torch.randn(1, 80, n_frames, generator=g) for g in generators])
+        spks = self._spks.expand(len(plans), -1)
+        return self.flow.decoder(mu, mask, spks, cond, self.config.n_timesteps, noise.to(mu))
 
     @staticmethod
     def _crossfade_lookahead(mel: Tensor, lookahead: Tensor) -> Tensor:
@@ -282,24 +395,66 @@ class StreamingDecoder:
         frames of the context reuse the f0 the previous call used for them (it saw them with
         right context), the phase is anchored at the context start, and only frames at least
         `f0_margin` away from the previous right edge take the new prediction."""
+        return self._vocode_many([stream], [frames], [final])[0]
+
+    def _vocode_many(
+        self, streams: Sequence[FastStream], frames: Sequence[Tensor], finals: Sequence[bool]
+    ) -> list[Tensor]:
+        """`vocode_frames` for distinct streams; one vocoder call per group of equal inputs."""
+        mels = []
+        for stream, new in zip(streams, frames, strict=True):
+            context = stream.voc_mel if stream.voc_mel is not None else new[:, :, :0]
+            mels.append(torch.cat([context, new], dim=-1))
+        out: list[Tensor | None] = [None] * len(streams)
+        keys = [(mel.shape[-1], s.voc_cycles is None) for mel, s in zip(mels, streams, strict=True)]
+        for group in _groups(keys):
+            if mels[group[0]].shape[-1] == 0:
+                for index in group:
+                    out[index] = self._flush(streams[index], finals[index])
+                continue
+            chunks = self._vocode_group(
+                [streams[i] for i in group], [mels[i] for i in group], [finals[i] for i in group]
+            )
+            for index, chunk in zip(group, chunks, strict=True):
+                out[index] = chunk
+        return out  # type: ignore[return-value]
+
+    def _vocode_group(
+        self, streams: Sequence[FastStream], mels: Sequence[Tensor], finals: Sequence[bool]
+    ) -> list[Tensor]:
+        """One batched f0/source/HiFT pass over mels of equal length [1, 80, F] each."""
         cfg, hop = self.config, self._hop
-        context = stream.voc_mel if stream.voc_mel is not None else frames[:, :, :0]
-        mel = torch.cat([context, frames], dim=-1)
-        if mel.shape[-1] == 0:
-            return self._flush(stream, final)
-        f0 = self.hift.predict_f0(mel)
-        if stream.voc_f0 is not None:
-            frozen = max(0, stream.voc_f0.shape[-1] - self._f0_margin)
-            f0 = torch.cat([stream.voc_f0[:, :frozen], f0[:, frozen:]], dim=-1)
-        draws = SourceDraws(stream.phases, self._unit_noise(stream, mel.shape[-1] * hop))
-        source = self.hift.source_from_f0(f0, draws, stream.voc_cycles)
-        audio = self.hift.decode(mel, source)
-        n_ctx = context.shape[-1]
+        mel = torch.cat(list(mels))  # (B, 80, F)
+        predicted = self.hift.predict_f0(mel)
+        f0 = torch.cat(
+            [self._keep_settled_f0(s, predicted[i : i + 1]) for i, s in enumerate(streams)]
+        )
+        phases = torch.cat([s.phases for s in streams])
+        noise = torch.cat([self._unit_noise(s, mel.shape[-1] * hop) for s in streams])
+        starts = (
+            None if streams[0].voc_cycles is None else torch.cat([s.voc_cycles for s in streams])
+        )  # type: ignore[misc]
+        audio = self.hift.decode(
+            mel, self.hift.source_from_f0(f0, SourceDraws(phases, noise), starts)
+        )
         next_start = mel.shape[-1] - min(cfg.vocoder_context_frames, mel.shape[-1])
-        stream.voc_cycles = self.hift.cycles_after(f0[:, :next_start], stream.voc_cycles)
-        stream.voc_mel = mel[:, :, next_start:]
-        stream.voc_f0 = f0[:, next_start:]
-        return self._emit(stream, audio[:, n_ctx * hop :], audio[:, : n_ctx * hop], final)
+        speech = []
+        for row, stream in enumerate(streams):
+            n_ctx = stream.voc_mel.shape[-1] if stream.voc_mel is not None else 0
+            row_f0, row_audio = f0[row : row + 1], audio[row : row + 1]
+            stream.voc_cycles = self.hift.cycles_after(row_f0[:, :next_start], stream.voc_cycles)
+            stream.voc_mel = mel[row : row + 1, :, next_start:]
+            stream.voc_f0 = row_f0[:, next_start:]
+            new, rerendered = row_audio[:, n_ctx * hop :], row_audio[:, : n_ctx * hop]
+            speech.append(self._emit(stream, new, rerendered, finals[row]))
+        return speech
+
+    def _keep_settled_f0(self, stream: FastStream, f0: Tensor) -> Tensor:
+        """The predicted f0 [1, F], with the frames the previous call settled kept as they were."""
+        if stream.voc_f0 is None:
+            return f0
+        frozen = max(0, stream.voc_f0.shape[-1] - self._f0_margin)
+        return torch.cat([stream.voc_f0[:, :frozen], f0[:, frozen:]], dim=-1)
 
     def _unit_noise(self, stream: FastStream, length: int) -> Tensor:
         return torch.randn((1, stream.phases.shape[1], length), generator=stream.generator)

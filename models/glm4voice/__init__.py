@@ -8,8 +8,9 @@ from models.glm4voice.engine import (
     load_engine,
 )
 from models.glm4voice.paths import ModelFilesError, ModelPaths, resolve_model_paths
+from models.glm4voice.static_batch import StaticCacheConfig
 from models.glm4voice.tokens import TokenConstraints, TokenPattern
-from models.glm4voice.worker import TurnListener
+from models.glm4voice.worker import TurnListener, WarmUpReport
 
 __all__ = [
     "EngineOptions",
@@ -17,9 +18,11 @@ __all__ = [
     "GLM4VoiceReply",
     "ModelFilesError",
     "ModelPaths",
+    "StaticCacheConfig",
     "TokenConstraints",
     "TokenPattern",
     "TurnListener",
+    "WarmUpReport",
     "history_prefix",
     "load_engine",
     "resolve_model_paths",

@@ -41,6 +41,16 @@ class SequenceBatch(Protocol):
         """Forget sequence `key` (no-op if unknown)."""
         ...
 
+    def warmup_batch_sizes(self, limit: int) -> list[int]:
+        """Batch sizes (at most `limit`) whose first step should run before serving."""
+        ...
+
+
+def dynamic_warmup_sizes(limit: int) -> list[int]:
+    """A dynamic-shape step pays its first-call costs once, whatever the batch size: one
+    sequence, and two so that the batched paths (joining, padding, parking) run too."""
+    return [1, 2] if limit >= 2 else [1]
+
 
 class SerialBatch:
     """One backend call per sequence: for backends that batch on their own side."""
@@ -63,6 +73,9 @@ class SerialBatch:
 
     def release(self, key: Hashable) -> None:
         self._states.pop(key, None)
+
+    def warmup_batch_sizes(self, limit: int) -> list[int]:
+        return dynamic_warmup_sizes(limit)
 
 
 # ----------------------------------------------------------------------------- KV cache surgery
@@ -176,6 +189,9 @@ class KVCacheBatch:
         self._parked.pop(key, None)
         if key in self._rows:
             self._drop_rows([self._rows.index(key)])
+
+    def warmup_batch_sizes(self, limit: int) -> list[int]:
+        return dynamic_warmup_sizes(limit)
 
     # ------------------------------------------------------------------ membership
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,8 +20,9 @@ import torch
 from models.decoder import AudioDecoder, DecoderStream, StreamingConfig, StreamingDecoder
 from models.glm4voice.batching import KVCacheBatch, SequenceBatch
 from models.glm4voice.paths import ModelPaths
+from models.glm4voice.static_batch import StaticCacheConfig, StaticKVBatch
 from models.glm4voice.tokens import TokenConstraints, TokenMasks, sample_nucleus
-from models.glm4voice.worker import Job, TextStream, TurnListener
+from models.glm4voice.worker import AudioBlock, Job, TextStream, TurnListener
 from models.lm import GLM4VoiceTokenizer, LMStepper, SamplingConfig, load_lm
 from models.lm.loading import check_checkpoint
 from models.lm.prompt import audio_tokens_text, build_prompt
@@ -29,6 +31,11 @@ from models.speech_tokenizer import SpeechTokenizer
 logger = logging.getLogger(__name__)
 
 DecoderMode = Literal["fast", "reference"]
+
+WARM_UP_SPEECH_S = 1.5  # synthetic speech the warm-up tokenizes
+# LM steps per warmed batch size: a CUDA-graph step is compiled, then recorded, then replayed.
+WARM_UP_STEPS = 3
+WARM_UP_STREAMS = 2  # decoder streams of the warm-up (batched when the decoder batches)
 
 
 def default_lm_dtype(device: str) -> torch.dtype:
@@ -43,6 +50,12 @@ class LoadOptions:
     lm_dtype None picks float32 on the CPU and bfloat16 elsewhere. decoder_mode "fast" uses the
     bounded-cost `StreamingDecoder`; "reference" decodes exactly as the reference demo does
     (`AudioDecoder.decode_block`, every block re-decoding the whole answer so far).
+    batch_decoder: blocks of different replies that are ready in the same round share the fast
+    decoder's model calls (`StreamingDecoder.decode_many`).
+    compile_decode: step the LM through a preallocated KV cache (`static_cache` rows and
+    columns) with the one-token step compiled into CUDA graphs; None turns it on for CUDA
+    devices without quantization. At most `static_cache.max_batch` replies are then started
+    at once; further ones wait for a row.
     """
 
     device: str = "cpu"
@@ -50,6 +63,9 @@ class LoadOptions:
     quantization: str | None = None  # None or "int4" (bitsandbytes NF4)
     decoder_dtype: torch.dtype = torch.float32
     decoder_mode: DecoderMode = "fast"
+    batch_decoder: bool = True
+    compile_decode: bool | None = None
+    static_cache: StaticCacheConfig = field(default_factory=StaticCacheConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     constraints: TokenConstraints = field(default_factory=TokenConstraints)
@@ -61,10 +77,22 @@ class LoadOptions:
             raise ValueError(
                 f"decoder_mode must be 'fast' or 'reference', not {self.decoder_mode!r}"
             )
+        if self.compile_decode and not _is_cuda(self.device):
+            raise ValueError("compile_decode needs a CUDA device")
 
     @property
     def resolved_lm_dtype(self) -> torch.dtype:
         return self.lm_dtype if self.lm_dtype is not None else default_lm_dtype(self.device)
+
+    @property
+    def resolved_compile_decode(self) -> bool:
+        if self.compile_decode is not None:
+            return self.compile_decode
+        return _is_cuda(self.device) and self.quantization is None
+
+
+def _is_cuda(device: str) -> bool:
+    return torch.device(device).type == "cuda"
 
 
 @dataclass
@@ -96,6 +124,33 @@ class ReplyDecoder:
             speech = self.decoder.decode_block(stream, token, final)  # type: ignore[arg-type]
         return speech[0].float().cpu().numpy()
 
+    def decode_many(
+        self, requests: Sequence[tuple[object, list[int], bool]], batched: bool = True
+    ) -> list[np.ndarray]:
+        """`decode` for several replies' streams; batched model calls with the fast decoder."""
+        if not batched or not isinstance(self.decoder, StreamingDecoder) or len(requests) < 2:
+            return [self.decode(stream, codes, final) for stream, codes, final in requests]
+        with torch.inference_mode():
+            speech = self.decoder.decode_many(requests)  # type: ignore[arg-type]
+        return [chunk[0].float().cpu().numpy() for chunk in speech]
+
+
+@contextmanager
+def _timed(stages: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - started
+
+
+def warm_up_speech(seconds: float = WARM_UP_SPEECH_S) -> np.ndarray:
+    """A deterministic stand-in for speech (16 kHz float32): a voiced tone with noise."""
+    rng = np.random.default_rng(0)
+    t = np.arange(round(seconds * 16_000)) / 16_000
+    voiced = 0.3 * np.sin(2 * np.pi * 150 * t) * (1 + np.sin(2 * np.pi * 4 * t))
+    return (voiced + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
 
 class GLM4VoiceBrain:
     """The three models plus the text tokenizer, loaded on one device."""
@@ -123,6 +178,9 @@ class GLM4VoiceBrain:
         self._stop_ids = frozenset(tokenizer.turn_stop_ids())
         self._generator = sampling.generator(device)
         self.listen_stats = ListenStats()
+        self.batch_decoder = True  # see `LoadOptions.batch_decoder`
+        # Replies that can hold LM state at once (None: no limit).
+        self.max_sequences: int | None = getattr(sequences, "max_sequences", None)
 
     @classmethod
     def load(cls, paths: ModelPaths, options: LoadOptions) -> GLM4VoiceBrain:
@@ -146,13 +204,13 @@ class GLM4VoiceBrain:
                 f"{paths.lm}: the model has {lm.config.vocab_size} rows but its tokenizer uses "
                 f"ids up to {tokenizer.vocab_size - 1}"
             )
-        stepper = LMStepper(lm)
+        sequences = _sequence_batch(LMStepper(lm), options)
         masks = TokenMasks.build(
             tokenizer, lm.config.vocab_size, options.constraints, options.device
         )
-        return cls(
+        brain = cls(
             speech_tokenizer,
-            KVCacheBatch(stepper),
+            sequences,
             tokenizer,
             decoder,
             options.sampling,
@@ -160,6 +218,8 @@ class GLM4VoiceBrain:
             options.constraints,
             options.device,
         )
+        brain.batch_decoder = options.batch_decoder
+        return brain
 
     # ------------------------------------------------------------------ token classes
 
@@ -249,6 +309,79 @@ class GLM4VoiceBrain:
 
     def decode_audio(self, job: Job, codes: list[int], final: bool) -> np.ndarray:
         return self.reply_decoder.decode(job.decoder_state, codes, final)
+
+    def decode_audio_many(self, blocks: Sequence[AudioBlock]) -> list[np.ndarray]:
+        """Speech of each block (one per job), in batched decoder calls if enabled."""
+        requests = [(block.job.decoder_state, block.codes, block.final) for block in blocks]
+        return self.reply_decoder.decode_many(requests, batched=self.batch_decoder)
+
+    # ------------------------------------------------------------------ warm-up
+
+    def warm_up(self, max_batch: int) -> dict[str, float]:
+        """Every stage once on a synthetic turn: speech tokenizer (one-shot and streaming),
+        prefill, sampling, LM steps at each batch size the LM batch warms, one decoder block
+        per warm-up stream. Uses its own keys, streams and generator: no reply's state and
+        no sampling stream is touched. Returns seconds per stage."""
+        stages: dict[str, float] = {}
+        with _timed(stages, "speech_tokenizer"):
+            codes = self._warm_speech_tokenizer()
+        prompt = build_prompt("", audio_tokens_text(codes), "audio")
+        self._warm_lm(self.tokenizer.encode(prompt), max_batch, stages)
+        with _timed(stages, "decoder"):
+            self._warm_decoder()
+        return stages
+
+    def _warm_speech_tokenizer(self) -> list[int]:
+        speech = warm_up_speech()
+        codes = self.speech_tokenizer.tokenize(speech)
+        stream = self.speech_tokenizer.streaming()
+        stream.push(speech)
+        stream.finish()
+        return codes
+
+    def _warm_lm(self, prompt_ids: list[int], max_batch: int, stages: dict[str, float]) -> None:
+        sizes = self.sequences.warmup_batch_sizes(max_batch)
+        keys = [("warm-up", index) for index in range(max(sizes))]
+        generator = torch.Generator(device=self.masks.table.device).manual_seed(0)
+        try:
+            with _timed(stages, "prefill"):
+                logits = torch.stack([self.sequences.prefill(key, prompt_ids) for key in keys])
+            for size in sizes:
+                for _ in range(WARM_UP_STEPS):
+                    with _timed(stages, "sampling"):
+                        masked = self.masks.apply(logits[:size], ["any"] * size)
+                        tokens = sample_nucleus(
+                            masked, self.sampling.temperature, self.sampling.top_p, generator
+                        )
+                    with _timed(stages, "lm_step"):
+                        logits[:size] = self.sequences.step(keys[:size], tokens.tolist())
+        finally:
+            for key in keys:
+                self.sequences.release(key)
+        logger.debug("warmed LM steps at batch sizes %s", sizes)
+
+    def _warm_decoder(self) -> None:
+        block = self.block_tokens or 10
+        codes = [(7 * index) % 4096 for index in range(block)]
+        streams = WARM_UP_STREAMS if self.batch_decoder else 1
+        requests = [(self.reply_decoder.new_stream(), codes, True) for _ in range(streams)]
+        self.reply_decoder.decode_many(requests, batched=self.batch_decoder)
+
+
+def _sequence_batch(stepper: LMStepper, options: LoadOptions) -> SequenceBatch:
+    """The static, compiled-step cache when `compile_decode` resolves on, else the dynamic one."""
+    if not options.resolved_compile_decode:
+        return KVCacheBatch(stepper)
+    try:
+        static = StaticKVBatch(stepper, options.static_cache)
+    except torch.OutOfMemoryError:
+        logger.warning(
+            "no memory for a static KV cache of %s: decoding with the dynamic cache",
+            options.static_cache,
+        )
+        return KVCacheBatch(stepper)
+    static.compile_step()
+    return static
 
 
 def _load_decoder(paths: ModelPaths, options: LoadOptions) -> AudioDecoder | StreamingDecoder:

@@ -9,6 +9,10 @@ had written before it.
 While the user speaks, `begin_turn()` returns a `TurnListener`: audio pushed into it is
 tokenized on the worker as it arrives, so when the turn ends only its last partial 4 s block
 is left to encode. Pass it to `respond(turn, history, listener=...)`.
+
+`start()` returns once the worker has run a synthetic turn through every stage (unless
+`EngineOptions.warmup` is off), so the first conversation's first answer does not pay for
+first-call costs; `warm_up_report` says what that took.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from agent.engine import (
 from models.glm4voice.paths import ModelPaths
 from models.glm4voice.worker import (
     AUDIO_TOKEN_S,
+    BlockHold,
     DecodeSchedule,
     Job,
     ModelWorker,
     SpeechBrain,
     TurnListener,
+    WarmUpReport,
 )
 
 if TYPE_CHECKING:
@@ -65,6 +71,14 @@ class EngineOptions:
     # Speech reaches the streaming tokenizer this late, so that audio the endpointer later
     # trims off the end of a turn (its hangover) is never tokenized ahead of time.
     listen_lag_s: float = 1.0
+    # Run a synthetic turn through every stage before `start()` returns, so that the first
+    # conversation does not pay for first-call costs.
+    warmup: bool = True
+    # A later block of the streaming decoder may wait up to `decoder_hold_rounds` LM steps for
+    # another reply's block, to share its decoder call, while its reply has at least
+    # `decoder_hold_s` of audio ahead of playback (0 rounds: never wait).
+    decoder_hold_s: float = 1.0
+    decoder_hold_rounds: int = 10
     schedule: DecodeSchedule = field(init=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +86,8 @@ class EngineOptions:
             raise ValueError("decoder block sizes must be >= 1 token")
         if not 0 <= self.resume_margin < self.max_ahead_s:
             raise ValueError("need 0 <= resume_margin_s < max_ahead_s")
+        if self.decoder_hold_s < 0 or self.decoder_hold_rounds < 0:
+            raise ValueError("need decoder_hold_s >= 0 and decoder_hold_rounds >= 0")
         object.__setattr__(
             self, "schedule", DecodeSchedule(self.first_block_tokens, self.later_block_tokens)
         )
@@ -252,8 +268,17 @@ class GLM4VoiceEngine(Engine):
         if self.worker is not None:
             return
         self.brain = await asyncio.to_thread(self._brain_factory)
-        self.worker = ModelWorker(self.brain, max_jobs=self.options.max_jobs)
-        self.worker.start()
+        options = self.options
+        hold = BlockHold(options.decoder_hold_s, options.decoder_hold_rounds)
+        worker = ModelWorker(self.brain, options.max_jobs, warm_up=options.warmup, hold=hold)
+        self.worker = worker
+        worker.start()
+        await asyncio.to_thread(worker.ready.wait)
+
+    @property
+    def warm_up_report(self) -> WarmUpReport | None:
+        """What the start-up warm-up ran (None when it was skipped or failed)."""
+        return self.worker.warm_up_report if self.worker is not None else None
 
     async def close(self) -> None:
         if self.worker is not None:

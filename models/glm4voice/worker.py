@@ -4,9 +4,19 @@ Sessions never touch torch. Each reply becomes a `Job`; each round the worker
 
 1. feeds the speech of turns still being spoken to the streaming speech tokenizer,
 2. starts new jobs (finish tokenizing the turn, build the prompt, prefill),
-3. samples the next id of every runnable job in one draw, streams text deltas, decodes audio
-   blocks that are complete, and
+3. samples the next id of every runnable job in one draw, streams text deltas, decodes the audio
+   blocks completed in this round (the blocks of all jobs together, so the decoder can batch
+   them), and
 4. advances all of them with ONE batched LM step.
+
+Blocks of replies that are not in step complete in different rounds. So that they can still
+share decoder calls, a later block of the streaming decoder may be held back for a few rounds
+(`BlockHold`) while its reply has enough audio ahead of playback and other replies are
+generating: it is decoded with the next block another reply completes.
+
+Before the first round the worker can warm every stage up on a synthetic turn, so that the
+first conversation does not pay for first-call costs (allocations, kernel selection, lazy
+initialisation, compiled graphs).
 
 A cancelled job stops at the next check: between LM steps and between decoder blocks. A job
 whose audio is far ahead of playback sits out rounds until the listener catches up, which bounds
@@ -52,6 +62,8 @@ class SpeechBrain(Protocol):
     # The decoder's own block size when it streams blocks itself: each block is decoded as
     # soon as it is full. None: the engine's `DecodeSchedule` and the reference's rule apply.
     block_tokens: int | None
+    # Jobs that can hold LM state at once (None: no limit); later ones wait to be started.
+    max_sequences: int | None
 
     def listen(self, listener: TurnListener, samples: np.ndarray) -> None:
         """Tokenize more speech of a turn still being spoken (state in `listener.state`)."""
@@ -69,8 +81,15 @@ class SpeechBrain(Protocol):
     def release(self, job: Job) -> None:
         """Free the LM state of a finished job."""
 
-    def decode_audio(self, job: Job, codes: list[int], final: bool) -> np.ndarray:
-        """Speech (float32 at `sample_rate`) for the next block of `codes` of `job`."""
+    def decode_audio_many(self, blocks: Sequence[AudioBlock]) -> list[np.ndarray]:
+        """Speech (float32 at `sample_rate`) for each block, in order; blocks of different
+        jobs that became ready in the same round (at most one block per job)."""
+        ...
+
+    def warm_up(self, max_batch: int) -> dict[str, float]:
+        """Run every stage once on a synthetic turn, touching no job's state and no sampling
+        stream; LM steps use the batch sizes up to `max_batch` that need their own warm-up.
+        Returns the seconds spent per stage."""
         ...
 
     def text_stream(self) -> TextStream: ...
@@ -93,6 +112,43 @@ class DecodeSchedule:
 
     def size(self, blocks_done: int) -> int:
         return self.first_block if blocks_done == 0 else self.later_block
+
+
+@dataclass
+class AudioBlock:
+    """Audio codes of one job ready to be decoded; `final` flushes the job's decoder.
+
+    `held_rounds`: rounds it has waited for other replies' blocks; `urgent`: it must not wait
+    (it holds more than one block)."""
+
+    job: Job
+    codes: list[int]
+    final: bool
+    held_rounds: int = 0
+    urgent: bool = False
+
+
+@dataclass(frozen=True)
+class BlockHold:
+    """When a streaming decoder's block may wait to share a decoder call with other replies'
+    blocks: never the first or the final block of a reply, only while the reply has at least
+    `min_ahead_s` of audio ahead of playback and other replies are generating, and for at
+    most `max_rounds` rounds (one LM step each)."""
+
+    min_ahead_s: float = 1.0
+    max_rounds: int = 10
+
+    def __post_init__(self) -> None:
+        if self.min_ahead_s < 0 or self.max_rounds < 0:
+            raise ValueError("need min_ahead_s >= 0 and max_rounds >= 0")
+
+
+@dataclass(frozen=True)
+class WarmUpReport:
+    """What the start-up warm-up ran: seconds per stage, and in all."""
+
+    stages: dict[str, float]
+    total_s: float
 
 
 class TurnListener:
@@ -201,8 +257,23 @@ class Job:
 class ModelWorker:
     """Runs jobs on one thread, one batched LM step per round; `submit` is safe from any thread."""
 
-    def __init__(self, brain: SpeechBrain, max_jobs: int = 64) -> None:
+    def __init__(
+        self,
+        brain: SpeechBrain,
+        max_jobs: int = 64,
+        warm_up: bool = False,
+        hold: BlockHold | None = None,
+    ) -> None:
+        """`warm_up`: run `brain.warm_up` on the thread before serving; `ready` is set once
+        the worker serves (after the warm-up, whether it succeeded or not). `hold`: let later
+        blocks wait for other replies' blocks (None: every block is decoded in its round)."""
         self.brain = brain
+        self._max_jobs = max_jobs
+        self._warm_up = warm_up
+        self.hold = hold  # may be changed between rounds
+        self.ready = threading.Event()
+        self.warm_up_report: WarmUpReport | None = None
+        self._blocks: dict[int, AudioBlock] = {}  # job key -> its block waiting for the decoder
         self._inbox: queue.Queue[Job] = queue.Queue(maxsize=max_jobs)
         self._active: list[Job] = []
         self._listen_lock = threading.Lock()
@@ -212,6 +283,8 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name="glm4voice-worker", daemon=True)
         self.steps = 0  # LM steps (one per round, whatever the batch size)
         self.rounds_batch_sizes: deque[int] = deque(maxlen=1000)
+        self.decode_batch_sizes: deque[int] = deque(maxlen=1000)  # blocks per decoder call
+        self.decoder_s = 0.0  # seconds spent in decoder calls
 
     def start(self) -> None:
         self._thread.start()
@@ -253,6 +326,11 @@ class ModelWorker:
         logger.info("model worker started")
         try:
             with torch.inference_mode():
+                try:
+                    if self._warm_up:
+                        self._run_warm_up()
+                finally:
+                    self.ready.set()
                 while not self._stopping.is_set():
                     if not self._round():
                         self._wake.wait(timeout=0.05)
@@ -261,6 +339,19 @@ class ModelWorker:
             for job in self._active + self._drain_inbox():
                 self._finish(job, error=RuntimeError("the model worker stopped"))
             logger.info("model worker stopped")
+
+    def _run_warm_up(self) -> None:
+        """Warm every stage up; a failure only costs the first replies their speed."""
+        started = time.perf_counter()
+        try:
+            stages = self.brain.warm_up(self._max_jobs)
+        except Exception:
+            logger.exception("warm-up failed: the first replies may be slow")
+            return
+        report = WarmUpReport(dict(stages), time.perf_counter() - started)
+        self.warm_up_report = report
+        detail = ", ".join(f"{name} {1e3 * s:.0f} ms" for name, s in report.stages.items())
+        logger.info("warm-up took %.2f s (%s)", report.total_s, detail)
 
     def _drain_inbox(self) -> list[Job]:
         jobs = []
@@ -278,14 +369,26 @@ class ModelWorker:
             self._active.append(job)
         for job in [j for j in self._active if j.cancelled.is_set()]:
             self._finish(job)
-        for job in [j for j in self._active if not j.started]:
-            worked = True
-            self._guarded(job, self._start)
+        worked = self._start_waiting() or worked
         runnable = [j for j in self._active if j.started and not self._too_far_ahead(j)]
         if runnable:
             self._step(runnable)
             worked = True
         return worked
+
+    def _start_waiting(self) -> bool:
+        """Start jobs in arrival order while the brain has room for their LM state; True
+        when any start was tried."""
+        limit = self.brain.max_sequences
+        running = sum(1 for job in self._active if job.started)
+        tried = False
+        for job in [j for j in self._active if not j.started]:
+            if limit is not None and running >= limit:
+                break
+            tried = True
+            self._guarded(job, self._start)
+            running += int(job.started)
+        return tried
 
     def _serve_listeners(self) -> bool:
         with self._listen_lock:
@@ -331,6 +434,7 @@ class ModelWorker:
     def _finish(self, job: Job, error: BaseException | None = None) -> None:
         if job in self._active:
             self._active.remove(job)
+        self._blocks.pop(job.key, None)
         try:
             self.brain.release(job)
         except Exception:
@@ -352,15 +456,22 @@ class ModelWorker:
         except Exception as exc:
             self._fail_all(jobs, exc)
             return
-        continuing: list[tuple[Job, int]] = []
+        stepped: list[tuple[Job, int]] = []
         for job, token in zip(jobs, tokens, strict=True):
             if job.cancelled.is_set():
                 self._finish(job)
                 continue
             self._guarded(job, lambda j, t=token: self._on_token(j, t))
+            if job in self._active:
+                stepped.append((job, token))
+        self._decode_ready_blocks(len(stepped))
+        continuing: list[tuple[Job, int]] = []
+        for job, token in stepped:
+            if job not in self._active:
+                continue  # its decoder block failed
             if job.done:
                 self._finish(job)
-            elif job in self._active:
+            else:
                 continuing.append((job, token))
         if continuing:
             self._advance([j for j, _ in continuing], [t for _, t in continuing])
@@ -415,16 +526,60 @@ class ModelWorker:
         job.done = True
 
     def _decode_pending(self, job: Job, final: bool) -> None:
+        """Queue the job's pending codes; blocks are decoded together at the round's end. A
+        job whose previous block is still waiting adds to it, which then waits no more."""
         codes, job.pending_codes = job.pending_codes, []
+        waiting = self._blocks.get(job.key)
+        if waiting is not None:
+            waiting.codes += codes
+            waiting.final = final
+            waiting.urgent = True
+            return
+        self._blocks[job.key] = AudioBlock(job, codes, final)
+
+    def _decode_ready_blocks(self, runnable: int) -> None:
+        """Decode the queued blocks in one call and stream their audio, unless the only one
+        may wait for another reply's block (`BlockHold`); `runnable`: jobs in this step."""
+        blocks = [block for block in self._blocks.values() if block.job in self._active]
+        if not blocks:
+            self._blocks.clear()
+            return
+        if len(blocks) == 1 and self._may_wait(blocks[0], runnable):
+            blocks[0].held_rounds += 1
+            return
+        self._blocks.clear()
         started = time.perf_counter()
-        speech = self.brain.decode_audio(job, codes, final)
+        try:
+            speeches = self.brain.decode_audio_many(blocks)
+        except Exception as exc:
+            self._fail_all([block.job for block in blocks], exc)
+            return
         elapsed = time.perf_counter() - started
+        self.decoder_s += elapsed
+        self.decode_batch_sizes.append(len(blocks))
+        for block, speech in zip(blocks, speeches, strict=True):
+            self._deliver_block(block, speech, started, elapsed)
+
+    def _may_wait(self, block: AudioBlock, runnable: int) -> bool:
+        hold = self.hold
+        if hold is None or self.brain.block_tokens is None or runnable < 2:
+            return False  # no policy, a decoder that does not batch, or nobody to wait for
+        job = block.job
+        if block.urgent or block.final or job.blocks_done == 0:
+            return False
+        ahead_s = job.audio_samples_emitted / self.brain.sample_rate - job.consumed_s
+        return ahead_s >= hold.min_ahead_s and block.held_rounds < hold.max_rounds
+
+    def _deliver_block(
+        self, block: AudioBlock, speech: np.ndarray, started: float, elapsed: float
+    ) -> None:
+        job = block.job
         job.timings.add("decoder", elapsed)
         if job.blocks_done == 0:
             job.timings.add("lm_until_first_block", started - job.decoding_since)
             job.timings.add("first_decoder_block", elapsed)
         job.blocks_done += 1
-        job.audio_tokens_decoded += len(codes)
+        job.audio_tokens_decoded += len(block.codes)
         if speech.size == 0:
             return
         if job.first_audio_at is None:

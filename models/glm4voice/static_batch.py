@@ -1,0 +1,277 @@
+"""A preallocated key/value cache with one row per conversation, and a decode step that can
+be compiled into CUDA graphs.
+
+`StaticKVBatch` is a `SequenceBatch` like `KVCacheBatch`, with fixed tensor shapes:
+
+- Every live sequence owns a row ("slot") of a cache of `max_batch` rows and `max_len`
+  columns per layer, allocated once. A prompt is prefilled on its own (dynamic shapes, once
+  per turn) and copied into the first columns of its slot.
+- Every step writes its new keys/values into one shared column (`cursor`) of every row in
+  the step's batch bucket; a boolean table [max_batch, max_len] says which columns hold a
+  row's real tokens, and the step attends through an additive mask built from it. A row's
+  positions are its own (the count of its real tokens), so gaps of unused columns change
+  nothing. A sequence that sits out a step (paused, or a free slot) gets a junk entry in
+  that column that its mask never shows it.
+- When the cursor reaches `max_len`, each row's real columns are packed to the left.
+- A step covers the smallest bucket (power of two up to `max_batch`) holding the highest
+  slot in use; slots are handed out lowest first.
+
+Because the one-token step always has the same shapes per bucket, `compile_step` can wrap it
+in `torch.compile(mode="reduce-overhead")`, which records a CUDA graph per bucket (the warm-up
+steps every bucket once). On the CPU the same static path runs uncompiled; it gives the
+logits of the dynamic cache. The gain of the compiled step on a GPU has not been measured
+here: it removes the per-layer kernel-launch and Python overhead of a one-token step (which
+dominates at small batch), at the price of attending over all `max_len` columns.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from models.lm import LMStepper
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StaticCacheConfig:
+    """Shape of the preallocated cache: rows (live sequences) and columns (tokens per row;
+    GLM-4-Voice's practical context is 8192). It takes layers x 2 x max_batch x kv_heads x
+    max_len x head_dim values: 2.7 GB in bf16 for GLM-4-Voice-9B at the defaults."""
+
+    max_batch: int = 8
+    max_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_len < 2:
+            raise ValueError("need max_batch >= 1 and max_len >= 2")
+
+    @property
+    def buckets(self) -> list[int]:
+        """Batch sizes a step is run at: powers of two below max_batch, then max_batch."""
+        sizes = []
+        size = 1
+        while size < self.max_batch:
+            sizes.append(size)
+            size *= 2
+        return [*sizes, self.max_batch]
+
+    def bucket(self, rows: int) -> int:
+        """The smallest bucket holding `rows` rows."""
+        return next(size for size in self.buckets if size >= rows)
+
+
+class SlotCache:
+    """Keys/values [max_batch, kv_heads, max_len, head_dim] per layer; `update` writes the
+    step's one new column at `column` for the first rows and returns those rows' whole cache
+    (the transformers attention layers call it as they call a `Cache`)."""
+
+    def __init__(
+        self,
+        layers: int,
+        config: StaticCacheConfig,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (config.max_batch, kv_heads, config.max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, **_: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = key_states.shape[0]
+        keys = self.keys[layer_idx][:rows]
+        values = self.values[layer_idx][:rows]
+        keys.index_copy_(2, self.column, key_states.to(keys.dtype))
+        values.index_copy_(2, self.column, value_states.to(values.dtype))
+        return keys, values
+
+    def mark_static(self) -> None:
+        """Tell the compiler these tensors keep their addresses (needed by CUDA graphs)."""
+        for tensor in [*self.keys, *self.values, self.column]:
+            torch._dynamo.mark_static_address(tensor)
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class StaticKVBatch:
+    """Sequences of a local `LMStepper` in a preallocated cache, one row each (see module)."""
+
+    def __init__(self, stepper: LMStepper, config: StaticCacheConfig | None = None) -> None:
+        self.stepper = stepper
+        self.config = config or StaticCacheConfig()
+        model = stepper.model
+        lm_config = model.config
+        device = stepper.device
+        self._dtype = model.model.embed_tokens.weight.dtype
+        self.cache = SlotCache(
+            lm_config.num_hidden_layers,
+            self.config,
+            lm_config.num_key_value_heads,
+            lm_config.head_dim,
+            self._dtype,
+            device,
+        )
+        rows, cols = self.config.max_batch, self.config.max_len
+        self._valid = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+        self._lengths = [0] * rows  # real tokens per slot (= the next GLM-4 position)
+        self._slot_of: dict[Hashable, int] = {}
+        self._cursor = 0  # the next column written by a step
+        self._step_fn: StepFn = self._forward
+        self.compiled = False
+
+    @property
+    def max_sequences(self) -> int:
+        return self.config.max_batch
+
+    @property
+    def live_keys(self) -> list[Hashable]:
+        return list(self._slot_of)
+
+    def compile_step(self) -> None:
+        """Compile the one-token step into CUDA graphs (one per bucket, on first use)."""
+        if self.stepper.device.type != "cuda":
+            raise RuntimeError("the compiled decode step needs a CUDA device")
+        self.cache.mark_static()
+        self._step_fn = torch.compile(self._forward, mode="reduce-overhead", dynamic=False)
+        self.compiled = True
+        logger.info("decode step compiled for batch buckets %s", self.config.buckets)
+
+    # ------------------------------------------------------------------ SequenceBatch
+
+    def prefill(self, key: Hashable, prompt_ids: Sequence[int]) -> torch.Tensor:
+        self.release(key)
+        length = len(prompt_ids)
+        if length >= self.config.max_len:
+            raise ValueError(f"a prompt of {length} ids does not fit {self.config.max_len}")
+        slot = self._free_slot()
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+        logits, state = self.stepper.prefill(ids)
+        for layer, cached in enumerate(state.cache.layers):
+            self.cache.keys[layer][slot, :, :length] = cached.keys[0]
+            self.cache.values[layer][slot, :, :length] = cached.values[0]
+        self._valid[slot] = False
+        self._valid[slot, :length] = True
+        self._lengths[slot] = length
+        self._slot_of[key] = slot
+        self._cursor = max(self._cursor, length)
+        return logits[0]
+
+    def step(self, keys: Sequence[Hashable], tokens: Sequence[int]) -> torch.Tensor:
+        if len(set(keys)) != len(keys):
+            raise ValueError("a sequence can take one token per step")
+        missing = [key for key in keys if key not in self._slot_of]
+        if missing:
+            raise KeyError(f"sequence {missing[0]!r} was never prefilled (or was released)")
+        if self._cursor >= self.config.max_len:
+            self._compact()
+        slots = [self._slot_of[key] for key in keys]
+        rows = self.config.bucket(max(slots) + 1)
+        token_ids, positions, mask = self._step_inputs(slots, tokens, rows)
+        with torch.inference_mode():
+            self.cache.column.fill_(self._cursor)
+            logits = self._run_step(token_ids, positions, mask)
+        self._cursor += 1
+        for slot in slots:
+            self._lengths[slot] += 1
+        index = torch.tensor(slots, device=logits.device)
+        return logits.index_select(0, index)
+
+    def release(self, key: Hashable) -> None:
+        slot = self._slot_of.pop(key, None)
+        if slot is None:
+            return
+        self._valid[slot] = False
+        self._lengths[slot] = 0
+        if not self._slot_of:
+            self._cursor = 0
+
+    def warmup_batch_sizes(self, limit: int) -> list[int]:
+        """Every bucket up to `limit` live sequences: a compiled step records each one."""
+        return [size for size in self.config.buckets if size <= max(1, limit)]
+
+    # ------------------------------------------------------------------ internals
+
+    def _free_slot(self) -> int:
+        used = set(self._slot_of.values())
+        for slot in range(self.config.max_batch):
+            if slot not in used:
+                return slot
+        raise RuntimeError(f"all {self.config.max_batch} rows of the static KV cache are in use")
+
+    def _step_inputs(
+        self, slots: list[int], tokens: Sequence[int], rows: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ids [rows, 1], positions [rows, 1] and the additive mask [rows, 1, 1, max_len];
+        marks the stepped rows' new column as one of their real columns."""
+        device = self._valid.device
+        token_ids = torch.zeros(rows, 1, dtype=torch.long)
+        positions = torch.zeros(rows, 1, dtype=torch.long)
+        for slot, token in zip(slots, tokens, strict=True):
+            token_ids[slot, 0] = int(token)
+            positions[slot, 0] = self._lengths[slot]
+        self._valid[slots, self._cursor] = True
+        visible = self._valid[:rows].clone()
+        # Rows outside the step see their own junk column, so no row's softmax is empty.
+        visible[:, self._cursor] = True
+        mask = torch.zeros(rows, 1, 1, self.config.max_len, dtype=self._dtype, device=device)
+        mask.masked_fill_(~visible[:, None, None, :], torch.finfo(self._dtype).min)
+        return token_ids.to(device), positions.to(device), mask
+
+    def _run_step(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The compiled step if there is one; should it fail, the plain step from then on
+        (it writes the same cache column, so the failed call leaves nothing behind)."""
+        if not self.compiled:
+            return self._forward(token_ids, positions, mask)
+        try:
+            # The graph's output buffer is overwritten by its next replay: keep a copy.
+            return self._step_fn(token_ids, positions, mask).clone()
+        except Exception:
+            logger.exception("the compiled decode step failed: stepping uncompiled from now on")
+            self._step_fn, self.compiled = self._forward, False
+            return self._forward(token_ids, positions, mask)
+
+    def _forward(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One token per row through the LM with the slot cache; float32 logits [rows, V]."""
+        out = self.stepper.model(
+            input_ids=token_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+    def _compact(self) -> None:
+        """Pack every row's real columns to the left; frees the columns of gaps and junk."""
+        end = 0
+        for slot in self._slot_of.values():
+            columns = self._valid[slot].nonzero().squeeze(-1)
+            count = int(columns.numel())
+            for layer in range(len(self.cache.keys)):
+                for store in (self.cache.keys[layer], self.cache.values[layer]):
+                    store[slot, :, :count] = store[slot, :, columns]
+            self._valid[slot] = False
+            self._valid[slot, :count] = True
+            end = max(end, count)
+        if end >= self.config.max_len:
+            raise RuntimeError(f"a sequence reached the static KV cache's {end} columns")
+        logger.debug("static KV cache packed: cursor %d -> %d", self._cursor, end)
+        self._cursor = end
+
+
+__all__ = ["SlotCache", "StaticCacheConfig", "StaticKVBatch"]
