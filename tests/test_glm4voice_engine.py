@@ -757,3 +757,20 @@ def test_blocks_do_not_wait_without_a_hold_policy_or_beyond_its_rounds():
 def test_blocks_do_not_wait_when_playback_is_close_behind():
     brain, _ = _staggered(BlockHold(min_ahead_s=1e6, max_rounds=10))
     assert [len(call) for call in brain.decode_calls] == UNHELD_CALLS
+
+
+async def test_model_step_times_are_exported_as_metrics():
+    from agent import metrics
+
+    def count(stage: str) -> float:
+        return metrics.MODEL_STEP_SECONDS.labels(stage=stage)._sum.get()
+
+    before = {stage: count(stage) for stage in ("prefill", "lm_step", "decoder_block")}
+    brain = ScriptedBrain(rounds=1, step_delay=0.002)
+    engine = await _engine(brain)
+    try:
+        await _collect(engine.respond(UserTurn(text="hi"), []))
+    finally:
+        await engine.close()
+    after = {stage: count(stage) for stage in before}
+    assert all(after[stage] > before[stage] for stage in before), (before, after)

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from agent import metrics
 from agent.engine import AudioChunk, ReplyEvent, StageTimings, TextDelta
 
 logger = logging.getLogger(__name__)
@@ -371,6 +372,7 @@ class ModelWorker:
             self._finish(job)
         worked = self._start_waiting() or worked
         runnable = [j for j in self._active if j.started and not self._too_far_ahead(j)]
+        metrics.QUEUE_DEPTH.labels(queue="engine_replies_active").set(len(self._active))
         if runnable:
             self._step(runnable)
             worked = True
@@ -417,7 +419,9 @@ class ModelWorker:
             self._finish(job, error=exc)
 
     def _start(self, job: Job) -> None:
+        started = time.perf_counter()
         self.brain.start_job(job)
+        metrics.MODEL_STEP_SECONDS.labels(stage="prefill").observe(time.perf_counter() - started)
         job.text = self.brain.text_stream()
         job.started = True
         job.decoding_since = time.perf_counter()
@@ -474,7 +478,11 @@ class ModelWorker:
             else:
                 continuing.append((job, token))
         if continuing:
+            started = time.perf_counter()
             self._advance([j for j, _ in continuing], [t for _, t in continuing])
+            metrics.MODEL_STEP_SECONDS.labels(stage="lm_step").observe(
+                time.perf_counter() - started
+            )
 
     def _advance(self, jobs: list[Job], tokens: list[int]) -> None:
         try:
@@ -555,6 +563,7 @@ class ModelWorker:
             self._fail_all([block.job for block in blocks], exc)
             return
         elapsed = time.perf_counter() - started
+        metrics.MODEL_STEP_SECONDS.labels(stage="decoder_block").observe(elapsed)
         self.decoder_s += elapsed
         self.decode_batch_sizes.append(len(blocks))
         for block, speech in zip(blocks, speeches, strict=True):
