@@ -10,23 +10,16 @@ the played-out history cut and the turn end are exercised for real.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 import pytest
 import torch
-from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from agent.engine import AudioChunk, TextDelta, UserTurn
 from agent.session import SessionConfig
-from audio_dsp import EndpointerConfig, to_mono_float32
+from audio_dsp import EndpointerConfig
 from models.decoder import AudioDecoder, StreamingDecoder
 from models.glm4voice import GLM4VoiceEngine, ModelPaths, load_engine
 from models.glm4voice.brain import GLM4VoiceBrain, LoadOptions
@@ -36,8 +29,9 @@ from models.glm4voice.worker import BlockHold, Job, ModelWorker
 from models.lm import GLM4VoiceTokenizer, SamplingConfig, audio_tokens_text, build_prompt
 from models.make_tiny import write_tiny_model_set
 from models.speech_tokenizer import SpeechTokenizer
-from signaling import REGISTRY_KEY, ServerConfig, create_app
-from tests.fakes import MicTrack, wait_until
+from signaling import REGISTRY_KEY
+from tests.fakes import wait_until
+from tests.webrtc_client import app_servers, dial
 
 ANSWER_IDS = 13 + 26 + 13 + 10  # two text runs, 36 audio ids (2.88 s of speech), then the end
 WORDS = "hello how are you the weather is today and it is"
@@ -272,104 +266,38 @@ async def test_concurrent_replies_share_batched_steps_and_get_their_own_answers(
 # ----------------------------------------------------------------------------- over WebRTC
 
 
-@dataclass
-class Call:
-    """The client side of one call."""
-
-    pc: RTCPeerConnection
-    mic: MicTrack
-    channel: object
-    messages: list[tuple[float, dict]] = field(default_factory=list)
-    audio_frames: list[tuple[float, float]] = field(default_factory=list)  # (arrival, peak)
-    reader: asyncio.Task[None] | None = None
-
-    def of_type(self, type_: str) -> list[dict]:
-        return [m for _, m in self.messages if m["type"] == type_]
-
-    def states(self) -> list[str]:
-        return [m["state"] for m in self.of_type("state")]
-
-    def send(self, **message: object) -> None:
-        self.channel.send(json.dumps(message))  # type: ignore[attr-defined]
-
-    async def hang_up(self) -> None:
-        self.mic.stop()
-        if self.reader is not None:
-            self.reader.cancel()
-            await asyncio.gather(self.reader, return_exceptions=True)
-        await self.pc.close()
-
-
-async def _record(call: Call, track: MediaStreamTrack) -> None:
-    try:
-        while True:
-            frame = await track.recv()
-            mono = to_mono_float32(frame.to_ndarray(), len(frame.layout.channels))
-            call.audio_frames.append((time.monotonic(), float(np.abs(mono).max())))
-    except MediaStreamError:
-        return
-
-
-async def _dial(base_url: str) -> Call:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    mic = MicTrack()
-    pc.addTrack(mic)
-    channel = pc.createDataChannel("events")
-    call = Call(pc, mic, channel)
-    channel.on("message", lambda raw: call.messages.append((time.monotonic(), json.loads(raw))))
-
-    @pc.on("track")
-    def on_track(track: MediaStreamTrack) -> None:
-        call.reader = asyncio.create_task(_record(call, track))
-
-    await pc.setLocalDescription(await pc.createOffer())
-    offer = {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
-    async with aiohttp.ClientSession() as http, http.post(f"{base_url}/offer", json=offer) as resp:
-        assert resp.status == 200, await resp.text()
-        answer = await resp.json()
-    await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
-    await wait_until(lambda: channel.readyState == "open" and call.states() == ["listening"])
-    return call
-
-
 @pytest.mark.slow
 async def test_webrtc_conversation_holds_two_turns_and_can_be_interrupted(
     tiny_paths, tokenizer, tmp_path: Path
 ):
     engine = await _started(tiny_paths, tokenizer)
     session = SessionConfig(EndpointerConfig(hangover_ms=600))
-    runner = web.AppRunner(create_app(engine, ServerConfig(static_dir=tmp_path, session=session)))
-    await runner.setup()
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        app = runner.app
-        call = await _dial(f"http://{host}:{port}")
-        try:
-            call.send(type="text", text="hello")
-            await wait_until(lambda: call.states()[-2:] == ["speaking", "listening"], within=30)
-            heard = [t for t, peak in call.audio_frames if peak > 1e-4]
-            assert heard, "the answer's audio never reached the client"
+        async with app_servers(tmp_path, session) as start:
+            url, app = await start(engine)
+            call = await dial(url)
+            try:
+                call.send({"type": "text", "text": "hello"})
+                await wait_until(lambda: call.states()[-2:] == ["speaking", "listening"], within=30)
+                assert call.voiced_audio(1e-4).size, "the answer's audio never reached the client"
 
-            call.send(type="text", text="how are you")
-            await wait_until(lambda: call.states()[-1] == "speaking", within=30)
-            await asyncio.sleep(0.5)
-            call.send(type="interrupt")
-            await wait_until(lambda: call.of_type("flush"), within=5)
-            await wait_until(lambda: call.states()[-1] == "listening", within=5)
+                call.send({"type": "text", "text": "how are you"})
+                await wait_until(lambda: call.states()[-1] == "speaking", within=30)
+                await asyncio.sleep(0.5)
+                call.send({"type": "interrupt"})
+                await wait_until(lambda: call.of_type("flush"), within=5)
+                await wait_until(lambda: call.states()[-1] == "listening", within=5)
 
-            turns = app[REGISTRY_KEY].connections()[0].session.turns
-            user1, answer1, user2, answer2 = turns.history
-            assert not answer1.interrupted and answer2.interrupted
-            assert user2.payload.startswith(user1.payload + answer1.payload)
-            assert 0 < answer2.payload.count("<|audio_") < 36  # cut to what was played
-            assert "hello" in user1.payload and "how are you" in user2.payload
-        finally:
-            await call.hang_up()
-        await wait_until(lambda: len(app[REGISTRY_KEY]) == 0, within=10)
+                turns = app[REGISTRY_KEY].connections()[0].session.turns
+                user1, answer1, user2, answer2 = turns.history
+                assert not answer1.interrupted and answer2.interrupted
+                assert user2.payload.startswith(user1.payload + answer1.payload)
+                assert 0 < answer2.payload.count("<|audio_") < 36  # cut to what was played
+                assert "hello" in user1.payload and "how are you" in user2.payload
+            finally:
+                await call.hang_up()
+            await wait_until(lambda: len(app[REGISTRY_KEY]) == 0, within=10)
     finally:
-        await runner.cleanup()
         await engine.close()
 
 
