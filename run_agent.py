@@ -212,8 +212,9 @@ def make_engine(
     if missing:
         raise SystemExit(f"GLM-4-Voice weights are incomplete in {model_dir}: {missing[:3]}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    log.info("GLM-4-Voice on %s (%s)", device, quantization or "bf16")
     options = LoadOptions(device=device, quantization=quantization)
+    precision = quantization or str(options.resolved_lm_dtype).removeprefix("torch.")
+    log.info("GLM-4-Voice on %s (LM in %s)", device, precision)
     return load_engine(ModelPaths.from_model_dir(model_dir), options)
 
 
