@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
-from collections.abc import Callable
 
 import torch
 
+from bench.timing import best_of
 from models.flow import FlowConfig, FlowDecoder
 from models.flow.tiny import randomize_flow_weights, tiny_flow_yaml_section
 
@@ -25,23 +24,6 @@ logger = logging.getLogger("bench_flow")
 
 HOP_SECONDS = 256 / 22050
 NEW_TOKENS = 25  # first block of the web demo schedule
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best_of(repeats: int, device: torch.device, fn: Callable[[], object]) -> float:
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            best = min(best, time.perf_counter() - start)
-    return best
 
 
 def full_size_flow(device: torch.device, dtype: torch.dtype) -> FlowDecoder:
@@ -88,10 +70,10 @@ def bench_one(model: FlowDecoder, total: int, repeats: int) -> str:
         model.estimator(x, inputs.mask, inputs.mu, t, inputs.spks, inputs.cond)
         model.estimator(x, inputs.mask, zeros_mu, t, zeros_spks, zeros_mu)
 
-    whole_s = _best_of(repeats, device, whole)
-    encode_s = _best_of(repeats, device, lambda: model.encode(tokens, lengths))
-    batched_s = _best_of(repeats, device, batched)
-    two_s = _best_of(repeats, device, two_calls)
+    whole_s = best_of(repeats, device, whole)
+    encode_s = best_of(repeats, device, lambda: model.encode(tokens, lengths))
+    batched_s = best_of(repeats, device, batched)
+    two_s = best_of(repeats, device, two_calls)
     frames = model.mel_frames(total) - prompt_feat.shape[1]
     return (
         f"  tokens {total:4d} ({model.mel_frames(total):4d} frames): inference "

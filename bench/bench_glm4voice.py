@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from agent.engine import AudioChunk, UserTurn
+from bench.bench_lm import FULL_SIZES
 from models.decoder import AudioDecoder, StreamingDecoder
 from models.decoder.tiny import write_tiny_decoder
 from models.glm4voice.batching import KVCacheBatch
@@ -68,14 +69,6 @@ from models.speech_tokenizer.tiny import write_tiny_tokenizer as write_speech_to
 
 logger = logging.getLogger("bench_glm4voice")
 
-FULL_LM = {
-    "num_layers": 40,
-    "hidden_size": 4096,
-    "num_attention_heads": 32,
-    "kv_channels": 128,
-    "multi_query_group_num": 2,
-    "ffn_hidden_size": 13696,
-}
 FULL_SPEECH_TOKENIZER = {"d_model": 1280, "heads": 20, "ffn": 5120, "layers": 16}
 FULL_FLOW = {
     "d_model": 512,
@@ -156,7 +149,7 @@ def _full_brain(
     write_tiny_decoder(paths.decoder, hift_channels=FULL_HIFT_CHANNELS, **FULL_FLOW)
     write_lm_tokenizer(paths.lm)
     tokenizer = GLM4VoiceTokenizer.from_dir(paths.lm)
-    config = ChatGLMConfig.from_dict(tiny_config_dict(**FULL_LM))
+    config = ChatGLMConfig.from_dict(tiny_config_dict(**FULL_SIZES))
     lm = build_random_lm(config, device=device, dtype=torch.bfloat16)
     constraints = _constraints(answer_ids)
     if compile_decode:

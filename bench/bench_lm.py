@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import GlmForCausalLM
 
+from bench.timing import sync
 from models.lm.configuration_lm import ChatGLMConfig
 from models.lm.loading import load_lm
 from models.lm.sampling import LMStepper
@@ -57,11 +58,6 @@ class Result:
     peak_memory_gib: float
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -76,15 +72,15 @@ def measure(stepper: LMStepper, vocab: int, prompt_tokens: int, steps: int) -> t
     )
     logits, state = stepper.prefill(prompt)  # warm-up
     stepper.decode(state, logits.argmax(-1))
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     logits, state = stepper.prefill(prompt)
-    _sync(device)
+    sync(device)
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         logits = stepper.decode(state, logits.argmax(-1))
-    _sync(device)
+    sync(device)
     decode_s = time.perf_counter() - start
     return prompt_tokens / prefill_s, steps / decode_s
 
@@ -104,7 +100,7 @@ def run_one(
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     model = build(None if mode == "bf16" else "int4")
-    _sync(device)
+    sync(device)
     load_s = time.perf_counter() - start
     prefill, decode = measure(LMStepper(model), vocab, prompt_tokens, steps)
     result = Result(

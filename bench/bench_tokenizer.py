@@ -14,12 +14,12 @@ import argparse
 import logging
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.timing import best_of, sync
 from models.speech_tokenizer import (
     FeatureExtractorConfig,
     SpeechTokenizer,
@@ -47,22 +47,6 @@ def synthetic_speech(seconds: float, seed: int = 0) -> np.ndarray:
     return audio.astype(np.float32)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best_of(repeats: int, device: torch.device, fn: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def full_size_tokenizer(device: torch.device) -> SpeechTokenizer:
     """Official sizes (1280-d, 20 heads, 16 layers before VQ) with random weights."""
     config_dict = tiny_config_dict(d_model=1280, heads=20, ffn=5120, layers=32)
@@ -79,14 +63,14 @@ def full_size_tokenizer(device: torch.device) -> SpeechTokenizer:
 def bench(name: str, tokenizer: SpeechTokenizer, seconds: float, repeats: int) -> None:
     audio = synthetic_speech(seconds)
     tokenizer.tokenize(audio[:SR])  # warm-up
-    one_shot = _best_of(repeats, tokenizer.device, lambda: tokenizer.tokenize(audio))
+    one_shot = best_of(repeats, tokenizer.device, lambda: tokenizer.tokenize(audio))
     streamer = tokenizer.streaming()
     push_times, finish_times = [], []
     for _ in range(repeats):
         start = time.perf_counter()
         for offset in range(0, len(audio), FRAME):
             streamer.push(audio[offset : offset + FRAME])
-        _sync(tokenizer.device)
+        sync(tokenizer.device)
         push_times.append(time.perf_counter() - start)
         streamer.finish()
         finish_times.append(streamer.stats.last_finish_s)

@@ -29,13 +29,7 @@ STOP = 999
 SAMPLES_PER_TOKEN = 1764  # 80 ms at 22.05 kHz
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matrices gain nothing from threads, and a busy machine makes them spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class ScriptedText:

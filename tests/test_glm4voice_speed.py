@@ -18,14 +18,7 @@ from models.lm.configuration_lm import ChatGLMConfig
 from models.lm.tiny import tiny_config_dict
 from models.make_tiny import write_tiny_model_set
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matrices gain nothing from threads, and a busy machine makes them spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
