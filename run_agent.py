@@ -54,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="load the GLM-4-Voice LM in 4 bits (bitsandbytes) to fit smaller GPUs",
     )
     p.add_argument(
+        "--decode-step",
+        choices=("auto", "dynamic", "static", "graphs", "compile"),
+        default="auto",
+        help="how the LM steps: auto = CUDA graphs on a GPU in bf16, else the dynamic cache; "
+        "compile = torch.compile (minutes at start-up)",
+    )
+    p.add_argument(
         "--ice-server",
         action="append",
         default=[],
@@ -189,11 +196,16 @@ def choose_engine(requested: str, model_dir: Path) -> tuple[str, str]:
 
 
 def make_engine(
-    name: str, model_dir: Path, device: str | None = None, quantization: str | None = None
+    name: str,
+    model_dir: Path,
+    device: str | None = None,
+    quantization: str | None = None,
+    decode_step: str = "auto",
 ) -> Engine:
     """Instantiate the engine `name` (its models load later, in `start()`).
 
-    `device` and `quantization` place GLM-4-Voice (default: CUDA when available, bf16).
+    `device` and `quantization` place GLM-4-Voice (default: CUDA when available, bf16);
+    `decode_step` is `LoadOptions.decode_step`.
     """
     if name == "offline":
         try:
@@ -212,9 +224,17 @@ def make_engine(
     if missing:
         raise SystemExit(f"GLM-4-Voice weights are incomplete in {model_dir}: {missing[:3]}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    options = LoadOptions(device=device, quantization=quantization)
+    try:
+        options = LoadOptions(device=device, quantization=quantization, decode_step=decode_step)
+    except ValueError as exc:
+        raise SystemExit(f"GLM-4-Voice cannot run that way: {exc}") from exc
     precision = quantization or str(options.resolved_lm_dtype).removeprefix("torch.")
-    log.info("GLM-4-Voice on %s (LM in %s)", device, precision)
+    log.info(
+        "GLM-4-Voice on %s (LM in %s, decode step %s)",
+        device,
+        precision,
+        options.resolved_decode_step,
+    )
     return load_engine(ModelPaths.from_model_dir(model_dir), options)
 
 
@@ -279,7 +299,7 @@ async def serve(args: argparse.Namespace) -> None:
     """Start the engine and the server; return after SIGINT/SIGTERM and a clean shutdown."""
     name, reason = choose_engine(args.engine, args.model_dir)
     log.info("engine: %s (%s)", name, reason)
-    engine = make_engine(name, args.model_dir, args.device, args.quantization)
+    engine = make_engine(name, args.model_dir, args.device, args.quantization, args.decode_step)
     await start_engine(engine)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,8 +8,8 @@ official formats, the 9B LM built directly on the GPU in bf16).
 Random weights never follow the 13 text : 26 audio layout nor end a turn, so replies run under
 a `TokenPattern` with a fixed length: every figure is for a well-formed answer.
 
-    python -m bench.bench_glm4voice [--full [--compile-decode]] [--turn-s 6] [--answer-ids 117]
-                                    [--json out.json]
+    python -m bench.bench_glm4voice [--full] [--decode-step auto] [--sections all]
+                                    [--turn-s 6] [--answer-ids 78] [--json out.json]
 
 Sections:
 0. start-up warm-up: its time per stage, and the first turn of a fresh process per stage
@@ -26,8 +26,10 @@ Sections:
 3. decoder cost per block against the position in the answer, reference vs. fast mode, and
    the fast decoder's blocks of n streams in one batched call vs. one after the other.
 
-`--compile-decode` (with `--full`, CUDA): the LM steps through the preallocated KV cache with
-the one-token step compiled into CUDA graphs (`LoadOptions.compile_decode`).
+`--decode-step` is `LoadOptions.decode_step` (auto: CUDA graphs over a static KV cache on a GPU,
+the dynamic cache on the CPU); its static cache gets a row per conversation of part 2.
+`--sections` picks parts by name (warm-up, stages, concurrency, decoder), so a short GPU lease
+measures what matters first.
 """
 
 from __future__ import annotations
@@ -52,11 +54,16 @@ from agent.engine import AudioChunk, UserTurn
 from bench.bench_lm import FULL_SIZES
 from models.decoder import AudioDecoder, StreamingDecoder
 from models.decoder.tiny import write_tiny_decoder
-from models.glm4voice.batching import KVCacheBatch
-from models.glm4voice.brain import GLM4VoiceBrain, LoadOptions, ReplyDecoder
+from models.glm4voice.brain import (
+    DECODE_STEPS,
+    GLM4VoiceBrain,
+    LoadOptions,
+    ReplyDecoder,
+    make_sequence_batch,
+)
 from models.glm4voice.engine import EngineOptions, GLM4VoiceEngine, load_engine
 from models.glm4voice.paths import DECODER_FOLDER, LM_FOLDER, TOKENIZER_FOLDER, ModelPaths
-from models.glm4voice.static_batch import StaticKVBatch
+from models.glm4voice.static_batch import StaticCacheConfig
 from models.glm4voice.tokens import TokenConstraints, TokenMasks, TokenPattern
 from models.glm4voice.worker import BlockHold
 from models.lm import GLM4VoiceTokenizer, LMStepper, SamplingConfig, build_random_lm
@@ -83,6 +90,7 @@ FULL_FLOW = {
 }
 FULL_HIFT_CHANNELS = 512
 CONCURRENCY = (1, 2, 4, 8, 16)
+SECTIONS = ("warm-up", "stages", "concurrency", "decoder")
 DECODER_STREAMS = (1, 2, 4, 8)
 STAGGERED_CONVERSATIONS = 6
 STAGGER_S = 0.13  # between conversation starts: not a multiple of the decoder's block period
@@ -103,6 +111,7 @@ class Report:
 
     size: str
     device: str
+    decode_step: str = ""
     warm_up_s: float = 0.0
     warm_up_stages_ms: dict[str, float] = field(default_factory=dict)
     first_turn_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # cold / warmed
@@ -120,54 +129,51 @@ def _constraints(answer_ids: int) -> TokenConstraints:
     return TokenConstraints(pattern=TokenPattern(stop_after=answer_ids))
 
 
-def _tiny_engine(root: Path, device: str, answer_ids: int, warmup: bool) -> GLM4VoiceEngine:
-    """The tiny model set of `root` (written by `main`) through the real loaders."""
-    load = LoadOptions(
-        device=device, sampling=SamplingConfig(seed=0), constraints=_constraints(answer_ids)
+def _load_options(args: argparse.Namespace) -> LoadOptions:
+    return LoadOptions(
+        device=args.device,
+        sampling=SamplingConfig(seed=0),
+        constraints=_constraints(args.answer_ids),
+        decode_step=args.decode_step,
+        static_cache=StaticCacheConfig(max_batch=max(CONCURRENCY)),
     )
-    options = EngineOptions(max_ahead_s=1e9, warmup=warmup)
-    return load_engine(ModelPaths.from_model_dir(root), load, options)
 
 
 def _engine(args: argparse.Namespace, root: Path, warmup: bool = True) -> GLM4VoiceEngine:
+    """The tiny model set of `root` (written by `main`) through the real loaders, or the
+    official sizes with random weights (`--full`)."""
+    options = EngineOptions(max_ahead_s=1e9, warmup=warmup)
+    load = _load_options(args)
     if not args.full:
-        return _tiny_engine(root, args.device, args.answer_ids, warmup)
-
-    def load() -> GLM4VoiceBrain:
-        return _full_brain(root, args.device, args.answer_ids, args.compile_decode)
-
-    return GLM4VoiceEngine(load, EngineOptions(max_ahead_s=1e9, warmup=warmup))
+        return load_engine(ModelPaths.from_model_dir(root), load, options)
+    return GLM4VoiceEngine(lambda: _full_brain(root, load), options)
 
 
-def _full_brain(
-    root: Path, device: str, answer_ids: int, compile_decode: bool = False
-) -> GLM4VoiceBrain:
+def _full_brain(root: Path, options: LoadOptions) -> GLM4VoiceBrain:
     """Official sizes with random weights: tokenizer and decoder through their file loaders,
     the LM built on the GPU directly (a 19 GB checkpoint would take minutes to write)."""
+    device = options.device
     paths = ModelPaths.from_model_dir(root)
-    write_speech_tokenizer(paths.tokenizer, **FULL_SPEECH_TOKENIZER)
-    write_tiny_decoder(paths.decoder, hift_channels=FULL_HIFT_CHANNELS, **FULL_FLOW)
-    write_lm_tokenizer(paths.lm)
+    if not (paths.tokenizer / "config.json").exists():  # written once per run
+        write_speech_tokenizer(paths.tokenizer, **FULL_SPEECH_TOKENIZER)
+        write_tiny_decoder(paths.decoder, hift_channels=FULL_HIFT_CHANNELS, **FULL_FLOW)
+        write_lm_tokenizer(paths.lm)
     tokenizer = GLM4VoiceTokenizer.from_dir(paths.lm)
     config = ChatGLMConfig.from_dict(tiny_config_dict(**FULL_SIZES))
     lm = build_random_lm(config, device=device, dtype=torch.bfloat16)
-    constraints = _constraints(answer_ids)
-    if compile_decode:
-        sequences = StaticKVBatch(LMStepper(lm), LoadOptions().static_cache)
-        sequences.compile_step()
-    else:
-        sequences = KVCacheBatch(LMStepper(lm))
-    brain = GLM4VoiceBrain(
+    sequences = make_sequence_batch(
+        LMStepper(lm), options.resolved_decode_step, options.static_cache
+    )
+    return GLM4VoiceBrain(
         SpeechTokenizer.from_pretrained(paths.tokenizer, device=device),
         sequences,
         tokenizer,
         StreamingDecoder.from_pretrained(paths.decoder, device=device),
-        SamplingConfig(seed=0),
-        TokenMasks.build(tokenizer, config.padded_vocab_size, constraints, device),
-        constraints,
+        options.sampling,
+        TokenMasks.build(tokenizer, config.padded_vocab_size, options.constraints, device),
+        options.constraints,
         device,
     )
-    return brain
 
 
 def _speech(seconds: float) -> np.ndarray:
@@ -485,9 +491,11 @@ async def run(args: argparse.Namespace, root: Path, report: Report) -> None:
     engine = _engine(args, root)
     await engine.start()
     try:
-        await bench_stages(engine, args.turn_s, report)
-        await bench_concurrency(engine, args.repeats, report)
-        await bench_staggered(engine, report)
+        if "stages" in args.sections:
+            await bench_stages(engine, args.turn_s, report)
+        if "concurrency" in args.sections:
+            await bench_concurrency(engine, args.repeats, report)
+            await bench_staggered(engine, report)
     finally:
         await engine.close()
 
@@ -504,7 +512,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--full", action="store_true", help="official sizes, random weights, CUDA")
     p.add_argument(
-        "--compile-decode", action="store_true", help="with --full: static KV cache, CUDA graphs"
+        "--decode-step", default="auto", choices=DECODE_STEPS, help="LoadOptions.decode_step"
+    )
+    p.add_argument(
+        "--sections", default="all", help=f"comma list of {', '.join(SECTIONS)} (or all)"
     )
     p.add_argument("--device", default=None, help="default: cuda with --full, else cpu")
     p.add_argument("--turn-s", type=float, default=6.0, help="spoken turn length")
@@ -519,8 +530,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if args.full else "cpu"
     if args.full and not torch.cuda.is_available():
         p.error("--full needs a CUDA GPU")
-    if args.compile_decode and not args.full:
-        p.error("--compile-decode needs --full")
+    args.sections = SECTIONS if args.sections == "all" else tuple(args.sections.split(","))
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}")
+    try:
+        _load_options(args)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 
@@ -535,15 +552,29 @@ def main(argv: list[str] | None = None) -> int:
             (root / folder).mkdir()
         if not args.full:
             write_tiny_model_set(root)
-        report = Report("full (random weights)" if args.full else "tiny", args.device)
-        bench_warm_up(args, root, report)
-        asyncio.run(run(args, root, report))
-        decoder_dir = root / DECODER_FOLDER
-        bench_decoder(decoder_dir, args.device, args.decoder_tokens, args.repeats, report)
-        bench_decoder_batching(decoder_dir, args.device, args.repeats, report)
-    print(f"\n({report.size} on {report.device}; {time.perf_counter() - started:.0f} s in all)")
-    if args.json is not None:
-        args.json.write_text(json.dumps(asdict(report), indent=2))
+        report = Report(
+            "full (random weights)" if args.full else "tiny",
+            args.device,
+            _load_options(args).resolved_decode_step,
+        )
+        try:
+            if "stages" in args.sections or "concurrency" in args.sections:
+                asyncio.run(run(args, root, report))
+            if "decoder" in args.sections:
+                decoder_dir = root / DECODER_FOLDER
+                if args.full and not (decoder_dir / "flow.pt").exists():
+                    write_tiny_decoder(decoder_dir, hift_channels=FULL_HIFT_CHANNELS, **FULL_FLOW)
+                bench_decoder(decoder_dir, args.device, args.decoder_tokens, args.repeats, report)
+                bench_decoder_batching(decoder_dir, args.device, args.repeats, report)
+            if "warm-up" in args.sections:
+                bench_warm_up(args, root, report)
+        finally:
+            if args.json is not None:
+                args.json.write_text(json.dumps(asdict(report), indent=2))
+    print(
+        f"\n({report.size} on {report.device}, decode step {report.decode_step}; "
+        f"{time.perf_counter() - started:.0f} s in all)"
+    )
     return 0
 
 

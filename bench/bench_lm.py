@@ -1,11 +1,18 @@
-"""LM throughput: prefill and cached decode tokens/s, bf16 and int4.
+"""LM throughput: prefill and cached decode tokens/s, bf16 and int4; decode steps per
+`LoadOptions.decode_step` and batch size.
 
 Default: a tiny random LM written in the official checkpoint layout and loaded with `load_lm`,
 on CPU (runs in well under a minute). `--full`: the real GLM-4-Voice-9B shapes with random
 weights built directly on a CUDA GPU (no checkpoint needed), with peak GPU memory.
 Real time needs about 18.75 decoded tokens/s (13 text + 26 audio tokens per 2.08 s of speech).
 
-    python -m bench.bench_lm [--full] [--prompt 64] [--steps 32] [--json out.json]
+The second table steps `--batches` sequences at once through the engine's sequence batches
+(`make_sequence_batch`), for each of `--decode-steps` (the default is what the device runs:
+dynamic and static on a CPU; also CUDA graphs on a GPU; `compile` takes minutes at 9B).
+
+    python -m bench.bench_lm [--full] [--prompt 64] [--steps 32] [--modes bf16,int4]
+                             [--decode-steps dynamic,static,graphs] [--batches 1,4,16]
+                             [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ import torch
 from transformers import GlmForCausalLM
 
 from bench.timing import sync
+from models.glm4voice.batching import SequenceBatch
+from models.glm4voice.brain import DECODE_STEPS, make_sequence_batch
+from models.glm4voice.static_batch import StaticCacheConfig
 from models.lm.configuration_lm import ChatGLMConfig
 from models.lm.loading import load_lm
 from models.lm.sampling import LMStepper
@@ -56,6 +66,20 @@ class Result:
     decode_tokens_per_s: float
     load_s: float
     peak_memory_gib: float
+
+
+@dataclass
+class StepResult:
+    """Decode steps of `batch` sequences at once through one kind of sequence batch."""
+
+    size: str
+    decode_step: str
+    batch: int
+    steps: int
+    ms_per_step: float
+    tokens_per_s_per_sequence: float
+    tokens_per_s_total: float
+    setup_s: float  # making the batch, prefilling, and the first steps (graph recording)
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -118,6 +142,105 @@ def run_one(
     return result
 
 
+def measure_steps(
+    make_batch: Callable[[], SequenceBatch],
+    device: torch.device,
+    prompt_tokens: int,
+    batch: int,
+    steps: int,
+    vocab: int,
+) -> tuple[float, float]:
+    """(setup s, seconds per step) of `steps` steps of `batch` sequences: each sequence is
+    prefilled with its own prompt and fed the greedy token of its last logits."""
+    gen = torch.Generator().manual_seed(batch)
+    started = time.perf_counter()
+    sequences = make_batch()
+    keys = list(range(batch))
+    logits = torch.stack(
+        [
+            sequences.prefill(
+                key, torch.randint(0, vocab, (prompt_tokens,), generator=gen).tolist()
+            )
+            for key in keys
+        ]
+    )
+    for _ in range(3):  # first steps: kernels chosen, graphs recorded or compiled
+        logits = sequences.step(keys, logits.argmax(-1).tolist())
+    sync(device)
+    setup_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(steps):
+        logits = sequences.step(keys, logits.argmax(-1).tolist())
+    sync(device)
+    per_step = (time.perf_counter() - started) / steps
+    for key in keys:
+        sequences.release(key)
+    return setup_s, per_step
+
+
+def bench_decode_steps(
+    model: GlmForCausalLM,
+    size: str,
+    decode_steps: list[str],
+    batches: list[int],
+    prompt_tokens: int,
+    steps: int,
+    vocab: int,
+) -> list[StepResult]:
+    """Every `decode_steps` kind at every batch size; one static cache per kind, with rows
+    for the largest batch and the engine's default columns. A kind that fails is logged and
+    skipped (e.g. a compiler missing on this machine)."""
+    device = next(model.parameters()).device
+    stepper = LMStepper(model)
+    rows = max(batches)
+    results: list[StepResult] = []
+    for kind in decode_steps:
+        cache = StaticCacheConfig(max_batch=rows, max_len=StaticCacheConfig().max_len)
+        sequences: SequenceBatch | None = None
+
+        def make_batch() -> SequenceBatch:
+            nonlocal sequences
+            if sequences is None:
+                sequences = make_sequence_batch(stepper, kind, cache)  # noqa: B023
+            return sequences
+
+        for batch in batches:
+            try:
+                setup_s, per_step = measure_steps(
+                    make_batch, device, prompt_tokens, batch, steps, vocab
+                )
+            except Exception:
+                logger.exception("decode step %s at batch %d failed", kind, batch)
+                break
+            result = StepResult(
+                size, kind, batch, steps, 1e3 * per_step, 1 / per_step, batch / per_step, setup_s
+            )
+            results.append(result)
+            print(format_steps([result], header=not results[:-1]), flush=True)
+        del sequences
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def format_steps(results: list[StepResult], header: bool = True) -> str:
+    """Decode-step results as an aligned text table."""
+    lines = (
+        [
+            f"{'size':<5} {'decode step':<11} {'batch':>5} {'ms/step':>8} {'tok/s per seq':>14} "
+            f"{'total tok/s':>12} {'setup s':>8}"
+        ]
+        if header
+        else []
+    )
+    lines += [
+        f"{r.size:<5} {r.decode_step:<11} {r.batch:>5} {r.ms_per_step:>8.2f} "
+        f"{r.tokens_per_s_per_sequence:>14.1f} {r.tokens_per_s_total:>12.1f} {r.setup_s:>8.2f}"
+        for r in results
+    ]
+    return "\n".join(lines)
+
+
 def bench_random(
     config: ChatGLMConfig,
     device: torch.device,
@@ -175,6 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=None, help="decode steps (tiny 32, full 64)")
     parser.add_argument("--modes", default="bf16,int4", help="comma list of bf16,int4")
+    parser.add_argument(
+        "--decode-steps",
+        default=None,
+        help="comma list of dynamic,static,graphs,compile (default: dynamic,static, "
+        "plus graphs on a GPU; '' for none)",
+    )
+    parser.add_argument(
+        "--batches", default=None, help="sequences per step (tiny 1,4; full 1,4,16)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -184,20 +316,48 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}")
 
+    if args.full and not torch.cuda.is_available():
+        print("--full needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.decode_steps is None:
+        args.decode_steps = "dynamic,static,graphs" if args.full else "dynamic,static"
+    decode_steps = [k for k in args.decode_steps.split(",") if k]
+    unknown = set(decode_steps) - set(DECODE_STEPS)
+    if unknown:
+        parser.error(f"unknown decode steps {sorted(unknown)}")
+    batches = [int(b) for b in (args.batches or ("1,4,16" if args.full else "1,4")).split(",")]
+    if any(b < 1 for b in batches):
+        parser.error("--batches must be positive")
+
+    step_results: list[StepResult] = []
     if args.full:
-        if not torch.cuda.is_available():
-            print("--full needs a CUDA GPU", file=sys.stderr)
-            return 2
         config = ChatGLMConfig.from_dict(tiny_config_dict(**FULL_SIZES))
-        results = bench_random(
-            config, torch.device("cuda"), modes, args.prompt or 512, args.steps or 64
-        )
+        device = torch.device("cuda")
+        prompt, steps = args.prompt or 512, args.steps or 64
+        results = bench_random(config, device, modes, prompt, steps)
+        print(format_table(results), flush=True)
+        if decode_steps:
+            model = build_random_lm(config, device, torch.bfloat16)
+            vocab = min(config.padded_vocab_size, 150000)
+            step_results = bench_decode_steps(
+                model, "9B", decode_steps, batches, prompt, steps, vocab
+            )
+            del model
     else:
         results = bench_tiny_checkpoint(modes, args.prompt or 64, args.steps or 32)
-
-    print(format_table(results))
+        print(format_table(results), flush=True)
+        if decode_steps:
+            config = ChatGLMConfig.from_dict(tiny_config_dict(padded_vocab_size=512))
+            model = build_random_lm(config, "cpu", torch.float32)
+            step_results = bench_decode_steps(
+                model, "tiny", decode_steps, batches, args.prompt or 64, args.steps or 32, 500
+            )
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        payload = {
+            "lm": [asdict(r) for r in results],
+            "decode_steps": [asdict(r) for r in step_results],
+        }
+        args.json.write_text(json.dumps(payload, indent=2))
     return 0
 
 

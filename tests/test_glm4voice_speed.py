@@ -8,7 +8,7 @@ import torch
 
 from models.glm4voice import brain as brain_module
 from models.glm4voice.batching import KVCacheBatch
-from models.glm4voice.brain import GLM4VoiceBrain, LoadOptions
+from models.glm4voice.brain import GLM4VoiceBrain, LoadOptions, make_sequence_batch
 from models.glm4voice.paths import ModelPaths
 from models.glm4voice.static_batch import StaticCacheConfig, StaticKVBatch
 from models.glm4voice.tokens import TokenConstraints, TokenPattern
@@ -131,14 +131,15 @@ def test_the_static_step_traces_as_one_graph_without_breaks(stepper):
     assert explained.graph_count == 1 and explained.graph_break_count == 0
 
 
-def test_the_compiled_step_is_refused_off_cuda(stepper):
+@pytest.mark.parametrize("start", ["record_graphs", "compile_step"])
+def test_graph_steps_are_refused_off_cuda(stepper, start):
     static = StaticKVBatch(stepper, StaticCacheConfig(max_batch=1, max_len=16))
     with pytest.raises(RuntimeError, match="CUDA"):
-        static.compile_step()
-    assert not static.compiled
+        getattr(static, start)()
+    assert not static.compiled and static.mode == "plain"
 
 
-def test_a_failing_compiled_step_falls_back_to_the_plain_step_with_the_same_logits(stepper):
+def test_a_failing_graph_step_falls_back_to_the_plain_step_with_the_same_logits(stepper):
     gen = torch.Generator().manual_seed(3)
     prompt, steps = _random_ids(gen, 9), _random_ids(gen, 4)
     static = StaticKVBatch(stepper, StaticCacheConfig(max_batch=2, max_len=32))
@@ -148,7 +149,7 @@ def test_a_failing_compiled_step_falls_back_to_the_plain_step_with_the_same_logi
         calls.append(len(args))
         raise RuntimeError("graph capture failed")
 
-    static._step_fn, static.compiled = broken, True  # what compile_step sets up on a GPU
+    static._step_fn, static.mode = broken, "graphs"  # what record_graphs sets up on a GPU
     got = [static.prefill("a", prompt)] + [static.step(["a"], [t])[0] for t in steps]
     dynamic = KVCacheBatch(stepper)
     want = [dynamic.prefill("a", prompt)] + [dynamic.step(["a"], [t])[0] for t in steps]
@@ -156,13 +157,28 @@ def test_a_failing_compiled_step_falls_back_to_the_plain_step_with_the_same_logi
     assert calls == [3] and not static.compiled  # tried once, then never again
 
 
-def test_compiled_decode_defaults_on_for_cuda_and_off_for_the_cpu():
-    assert LoadOptions(device="cuda").resolved_compile_decode
-    assert LoadOptions(device="cuda:1").resolved_compile_decode
-    assert not LoadOptions(device="cpu").resolved_compile_decode
-    assert not LoadOptions(device="cuda", compile_decode=False).resolved_compile_decode
-    with pytest.raises(ValueError, match="CUDA"):
-        LoadOptions(device="cpu", compile_decode=True)
+def test_decode_step_defaults_to_cuda_graphs_on_cuda_and_the_dynamic_cache_elsewhere():
+    assert LoadOptions(device="cuda").resolved_decode_step == "graphs"
+    assert LoadOptions(device="cuda:1").resolved_decode_step == "graphs"
+    assert LoadOptions(device="cuda", quantization="int4").resolved_decode_step == "dynamic"
+    assert LoadOptions(device="cpu").resolved_decode_step == "dynamic"
+    assert LoadOptions(device="cuda", decode_step="compile").resolved_decode_step == "compile"
+    assert LoadOptions(device="cpu", decode_step="static").resolved_decode_step == "static"
+    for needs_cuda in ("graphs", "compile"):
+        with pytest.raises(ValueError, match="CUDA"):
+            LoadOptions(device="cpu", decode_step=needs_cuda)
+    with pytest.raises(ValueError, match="decode_step"):
+        LoadOptions(decode_step="fastest")
+
+
+def test_sequence_batches_are_made_for_each_decode_step_the_cpu_runs(stepper):
+    assert isinstance(make_sequence_batch(stepper, "auto"), KVCacheBatch)
+    assert isinstance(make_sequence_batch(stepper, "dynamic"), KVCacheBatch)
+    static = make_sequence_batch(stepper, "static", StaticCacheConfig(max_batch=2, max_len=16))
+    assert isinstance(static, StaticKVBatch) and static.mode == "plain"
+    assert static.max_sequences == 2
+    with pytest.raises(RuntimeError, match="CUDA"):
+        make_sequence_batch(stepper, "graphs", StaticCacheConfig(max_batch=1, max_len=16))
 
 
 def _answers(brain: GLM4VoiceBrain, texts: list[str]) -> list[tuple[list[int], int]]:

@@ -31,9 +31,11 @@ from models.speech_tokenizer import SpeechTokenizer
 logger = logging.getLogger(__name__)
 
 DecoderMode = Literal["fast", "reference"]
+DecodeStep = Literal["auto", "dynamic", "static", "graphs", "compile"]
+DECODE_STEPS: tuple[str, ...] = ("auto", "dynamic", "static", "graphs", "compile")
 
 WARM_UP_SPEECH_S = 1.5  # synthetic speech the warm-up tokenizes
-# LM steps per warmed batch size: a CUDA-graph step is compiled, then recorded, then replayed.
+# LM steps per warmed batch size: a CUDA-graph step is recorded (or compiled), then replayed.
 WARM_UP_STEPS = 3
 WARM_UP_STREAMS = 2  # decoder streams of the warm-up (batched when the decoder batches)
 
@@ -52,10 +54,13 @@ class LoadOptions:
     (`AudioDecoder.decode_block`, every block re-decoding the whole answer so far).
     batch_decoder: blocks of different replies that are ready in the same round share the fast
     decoder's model calls (`StreamingDecoder.decode_many`).
-    compile_decode: step the LM through a preallocated KV cache (`static_cache` rows and
-    columns) with the one-token step compiled into CUDA graphs; None turns it on for CUDA
-    devices without quantization. At most `static_cache.max_batch` replies are then started
-    at once; further ones wait for a row.
+    decode_step: how the LM's one-token steps run. "dynamic": transformers' growing cache,
+    plain calls. "static": a preallocated KV cache (`static_cache` rows and columns), plain
+    calls. "graphs": the static cache with the step recorded as CUDA graphs. "compile": the
+    static cache with the step compiled by `torch.compile` into CUDA graphs (minutes of
+    compilation at start-up). "auto": "graphs" on CUDA devices without quantization, else
+    "dynamic". With a static cache at most `static_cache.max_batch` replies are started at
+    once; further ones wait for a row.
     """
 
     device: str = "cpu"
@@ -64,7 +69,7 @@ class LoadOptions:
     decoder_dtype: torch.dtype = torch.float32
     decoder_mode: DecoderMode = "fast"
     batch_decoder: bool = True
-    compile_decode: bool | None = None
+    decode_step: DecodeStep = "auto"
     static_cache: StaticCacheConfig = field(default_factory=StaticCacheConfig)
     streaming: StreamingConfig = field(default_factory=StreamingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -77,18 +82,20 @@ class LoadOptions:
             raise ValueError(
                 f"decoder_mode must be 'fast' or 'reference', not {self.decoder_mode!r}"
             )
-        if self.compile_decode and not _is_cuda(self.device):
-            raise ValueError("compile_decode needs a CUDA device")
+        if self.decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step must be one of {DECODE_STEPS}, not {self.decode_step!r}")
+        if self.decode_step in ("graphs", "compile") and not _is_cuda(self.device):
+            raise ValueError(f"decode_step {self.decode_step!r} needs a CUDA device")
 
     @property
     def resolved_lm_dtype(self) -> torch.dtype:
         return self.lm_dtype if self.lm_dtype is not None else default_lm_dtype(self.device)
 
     @property
-    def resolved_compile_decode(self) -> bool:
-        if self.compile_decode is not None:
-            return self.compile_decode
-        return _is_cuda(self.device) and self.quantization is None
+    def resolved_decode_step(self) -> DecodeStep:
+        if self.decode_step != "auto":
+            return self.decode_step
+        return "graphs" if _is_cuda(self.device) and self.quantization is None else "dynamic"
 
 
 def _is_cuda(device: str) -> bool:
@@ -369,18 +376,31 @@ class GLM4VoiceBrain:
 
 
 def _sequence_batch(stepper: LMStepper, options: LoadOptions) -> SequenceBatch:
-    """The static, compiled-step cache when `compile_decode` resolves on, else the dynamic one."""
-    if not options.resolved_compile_decode:
+    """The cache and step that `options.decode_step` resolves to."""
+    return make_sequence_batch(stepper, options.resolved_decode_step, options.static_cache)
+
+
+def make_sequence_batch(
+    stepper: LMStepper, decode_step: DecodeStep, static_cache: StaticCacheConfig | None = None
+) -> SequenceBatch:
+    """A dynamic-cache batch, or a static-cache one whose step runs plainly, as recorded CUDA
+    graphs or compiled; falls back to the dynamic cache when the static one does not fit."""
+    if decode_step == "auto":
+        decode_step = "graphs" if stepper.device.type == "cuda" else "dynamic"
+    if decode_step == "dynamic":
         return KVCacheBatch(stepper)
+    static_cache = static_cache or StaticCacheConfig()
     try:
-        static = StaticKVBatch(stepper, options.static_cache)
+        static = StaticKVBatch(stepper, static_cache)
     except torch.OutOfMemoryError:
         logger.warning(
-            "no memory for a static KV cache of %s: decoding with the dynamic cache",
-            options.static_cache,
+            "no memory for a static KV cache of %s: decoding with the dynamic cache", static_cache
         )
         return KVCacheBatch(stepper)
-    static.compile_step()
+    if decode_step == "graphs":
+        static.record_graphs()
+    elif decode_step == "compile":
+        static.compile_step()
     return static
 
 
@@ -395,10 +415,13 @@ def _load_decoder(paths: ModelPaths, options: LoadOptions) -> AudioDecoder | Str
 
 
 __all__ = [
+    "DECODE_STEPS",
+    "DecodeStep",
     "DecoderMode",
     "GLM4VoiceBrain",
     "ListenStats",
     "LoadOptions",
     "ReplyDecoder",
     "default_lm_dtype",
+    "make_sequence_batch",
 ]

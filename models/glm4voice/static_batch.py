@@ -16,12 +16,14 @@ be compiled into CUDA graphs.
 - A step covers the smallest bucket (power of two up to `max_batch`) holding the highest
   slot in use; slots are handed out lowest first.
 
-Because the one-token step always has the same shapes per bucket, `compile_step` can wrap it
-in `torch.compile(mode="reduce-overhead")`, which records a CUDA graph per bucket (the warm-up
-steps every bucket once). On the CPU the same static path runs uncompiled; it gives the
-logits of the dynamic cache. The gain of the compiled step on a GPU has not been measured
-here: it removes the per-layer kernel-launch and Python overhead of a one-token step (which
-dominates at small batch), at the price of attending over all `max_len` columns.
+Because the one-token step always has the same shapes per bucket, it can run as a CUDA graph
+per bucket, which removes the per-layer kernel-launch and Python overhead that dominates a
+one-token step at small batch, at the price of attending over all `max_len` columns:
+`record_graphs` captures the plain step directly (`GraphedStep`: a second or so per bucket,
+no compiler), `compile_step` wraps it in `torch.compile(mode="reduce-overhead")` (inductor
+kernels plus CUDA graphs, minutes of compilation at the 9B size). Either is recorded per
+bucket on the bucket's first step (the engine's warm-up steps every bucket once). On the CPU
+the same static path runs plainly; it gives the logits of the dynamic cache.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -101,6 +104,68 @@ class SlotCache:
 
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+StepMode = Literal["plain", "graphs", "compile"]
+
+
+@dataclass
+class _Recording:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    output: torch.Tensor
+
+
+class GraphedStep:
+    """`forward` recorded as one CUDA graph per batch size, on the first call at that size.
+
+    A call copies its inputs into the recording's input buffers and replays it; every other
+    tensor the step touches (weights, the slot cache, its column index) keeps its address, so
+    the replay reads and writes the live ones. The returned tensor is the recording's output
+    buffer, overwritten by the next replay of any size (all share one memory pool): copy it
+    before the next call. Recording runs the step three times on the real inputs (two warm-up
+    runs on a side stream, as capture requires, then the capture itself, which runs nothing);
+    the warm-up runs write the same cache column the replay writes, so they leave nothing
+    behind.
+    """
+
+    WARM_UP_RUNS = 2
+
+    def __init__(self, forward: StepFn) -> None:
+        self._forward = forward
+        self._recordings: dict[int, _Recording] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    @property
+    def recorded_sizes(self) -> list[int]:
+        return sorted(self._recordings)
+
+    def __call__(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        recording = self._recordings.get(token_ids.shape[0])
+        if recording is None:
+            recording = self._record(token_ids, positions, mask)
+        for buffer, value in zip(recording.inputs, (token_ids, positions, mask), strict=True):
+            buffer.copy_(value)
+        recording.graph.replay()
+        return recording.output
+
+    def _record(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> _Recording:
+        inputs = (token_ids.clone(), positions.clone(), mask.clone())
+        side = torch.cuda.Stream(device=token_ids.device)
+        side.wait_stream(torch.cuda.current_stream(token_ids.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARM_UP_RUNS):
+                self._forward(*inputs)
+        torch.cuda.current_stream(token_ids.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = self._forward(*inputs)
+        recording = _Recording(graph, inputs, output)
+        self._recordings[token_ids.shape[0]] = recording
+        logger.debug("decode step recorded as a CUDA graph for %d rows", token_ids.shape[0])
+        return recording
 
 
 class StaticKVBatch:
@@ -127,7 +192,7 @@ class StaticKVBatch:
         self._slot_of: dict[Hashable, int] = {}
         self._cursor = 0  # the next column written by a step
         self._step_fn: StepFn = self._forward
-        self.compiled = False
+        self.mode: StepMode = "plain"
 
     @property
     def max_sequences(self) -> int:
@@ -137,14 +202,31 @@ class StaticKVBatch:
     def live_keys(self) -> list[Hashable]:
         return list(self._slot_of)
 
+    @property
+    def compiled(self) -> bool:
+        """Whether steps run as CUDA graphs (recorded or compiled)."""
+        return self.mode != "plain"
+
+    def record_graphs(self) -> None:
+        """Run the one-token step as CUDA graphs recorded from the plain step (one per
+        bucket, on its first use): no compiler, about a second per bucket."""
+        self._require_cuda("CUDA-graph")
+        self._step_fn = GraphedStep(self._forward)
+        self.mode = "graphs"
+        logger.info("decode step runs as CUDA graphs for batch buckets %s", self.config.buckets)
+
     def compile_step(self) -> None:
-        """Compile the one-token step into CUDA graphs (one per bucket, on first use)."""
-        if self.stepper.device.type != "cuda":
-            raise RuntimeError("the compiled decode step needs a CUDA device")
+        """Compile the one-token step with `torch.compile` into CUDA graphs (one per bucket,
+        on first use; compiling takes minutes at the full size)."""
+        self._require_cuda("compiled")
         self.cache.mark_static()
         self._step_fn = torch.compile(self._forward, mode="reduce-overhead", dynamic=False)
-        self.compiled = True
+        self.mode = "compile"
         logger.info("decode step compiled for batch buckets %s", self.config.buckets)
+
+    def _require_cuda(self, what: str) -> None:
+        if self.stepper.device.type != "cuda":
+            raise RuntimeError(f"the {what} decode step needs a CUDA device")
 
     # ------------------------------------------------------------------ SequenceBatch
 
@@ -230,16 +312,16 @@ class StaticKVBatch:
     def _run_step(
         self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """The compiled step if there is one; should it fail, the plain step from then on
-        (it writes the same cache column, so the failed call leaves nothing behind)."""
+        """The graph step if there is one; should it fail, the plain step from then on (it
+        writes the same cache column, so the failed call leaves nothing behind)."""
         if not self.compiled:
             return self._forward(token_ids, positions, mask)
         try:
-            # The graph's output buffer is overwritten by its next replay: keep a copy.
+            # A graph's output buffer is overwritten by its next replay: keep a copy.
             return self._step_fn(token_ids, positions, mask).clone()
         except Exception:
-            logger.exception("the compiled decode step failed: stepping uncompiled from now on")
-            self._step_fn, self.compiled = self._forward, False
+            logger.exception("the %s decode step failed: stepping plainly from now on", self.mode)
+            self._step_fn, self.mode = self._forward, "plain"
             return self._forward(token_ids, positions, mask)
 
     def _forward(
@@ -274,4 +356,4 @@ class StaticKVBatch:
         self._cursor = end
 
 
-__all__ = ["SlotCache", "StaticCacheConfig", "StaticKVBatch"]
+__all__ = ["GraphedStep", "SlotCache", "StaticCacheConfig", "StaticKVBatch", "StepMode"]
