@@ -30,10 +30,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', \
 transformers.__version__, '|', torch.cuda.get_device_name())" || exit 1
 
-part lm 150 "$py" -m bench.bench_lm --full --modes bf16 --json "$out/lm.json"
-part engine 240 "$py" -m bench.bench_glm4voice --full --sections stages,concurrency,decoder \
+part lm 120 "$py" -m bench.bench_lm --full --modes bf16 --json "$out/lm.json"
+part engine 200 "$py" -m bench.bench_glm4voice --full --sections stages,concurrency,decoder \
     --repeats 1 --json "$out/engine.json"
-part warm-up 120 "$py" -m bench.bench_glm4voice --full --sections warm-up --repeats 1 \
+part warm-up 100 "$py" -m bench.bench_glm4voice --full --sections warm-up --repeats 1 \
     --json "$out/warm-up.json"
-part compile 150 "$py" -m bench.bench_lm --full --modes "" --decode-steps compile \
+part compile 100 "$py" -m bench.bench_lm --full --modes "" --decode-steps compile \
     --batches 1 --json "$out/compile.json"
