@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Full-size GLM-4-Voice figures on one CUDA GPU with random weights, in one run of a few
-# minutes: LM decode steps (dynamic cache, static cache, CUDA graphs), the engine's first
-# audio per stage, 1..16 concurrent conversations, decoder cost per block, start-up warm-up,
-# and last (when there is time) the torch.compile step. Each part has its own time limit and
-# log, so one that fails or overruns does not cost the others.
+# minutes. Parts, in this order (PARTS="..." picks some):
+#   tests     the CUDA-only tests (graph replays against plain calls)
+#   lm        LM prefill and decode steps: dynamic cache, static cache, CUDA graphs
+#             (LM_STEPS=... to choose) at batch 1, 4, 16
+#   engine    the engine's first audio per stage and 1..16 concurrent conversations
+#   decoder   decoder cost per block along an answer, reference vs. fast
+#   warm-up   start-up warm-up and the first turn of a fresh process with and without it
+#   compile   the torch.compile decode step (minutes of compilation)
+# Each part has its own time limit and log in OUT_DIR, so one that fails or overruns does
+# not cost the others.
 #
 #   bash bench/gpu_suite.sh [OUT_DIR]       (PYTHON=... to choose the interpreter)
 set -u
@@ -13,11 +19,13 @@ py=${PYTHON:-}
 if [ -z "$py" ]; then
     if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 fi
+parts=" ${PARTS:-tests lm engine decoder warm-up compile} "
 export PYTHONUNBUFFERED=1
 
 part() {  # part NAME SECONDS COMMAND...
     local name=$1 limit=$2
     shift 2
+    [[ $parts == *" $name "* ]] || return 0
     echo "=== $name (limit ${limit} s)"
     local began=$SECONDS
     timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
@@ -30,9 +38,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', \
 transformers.__version__, '|', torch.cuda.get_device_name())" || exit 1
 
-part lm 120 "$py" -m bench.bench_lm --full --modes bf16 --json "$out/lm.json"
-part engine 200 "$py" -m bench.bench_glm4voice --full --sections stages,concurrency,decoder \
+part tests 90 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
+part lm 120 "$py" -m bench.bench_lm --full --modes bf16 \
+    --decode-steps "${LM_STEPS:-dynamic,static,graphs}" --json "$out/lm.json"
+part engine 200 "$py" -m bench.bench_glm4voice --full --sections stages,concurrency \
     --repeats 1 --json "$out/engine.json"
+part decoder 120 "$py" -m bench.bench_glm4voice --full --sections decoder --repeats 1 \
+    --decoder-tokens 80 --json "$out/decoder.json"
 part warm-up 100 "$py" -m bench.bench_glm4voice --full --sections warm-up --repeats 1 \
     --json "$out/warm-up.json"
 part compile 100 "$py" -m bench.bench_lm --full --modes "" --decode-steps compile \

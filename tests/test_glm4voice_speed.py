@@ -121,7 +121,10 @@ def test_the_static_step_traces_as_one_graph_without_breaks(stepper):
     """What CUDA graphs need: the whole one-token step (cache writes included) is one graph."""
     static = StaticKVBatch(stepper, StaticCacheConfig(max_batch=2, max_len=32))
     static.prefill("a", [1, 2, 3])
-    token_ids, positions, mask = static._step_inputs([0], [5], static.config.bucket(1))
+    rows = static.config.bucket(1)
+    inputs = static._step_inputs([0], [5], rows)
+    token_ids, positions = inputs[0, :, None], inputs[1, :, None]
+    mask = static._bias[:rows, None, None, :]
     static.cache.column.fill_(static._cursor)
     torch._dynamo.reset()
     try:

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from models.cuda_graphs import CudaGraphCache
 from models.flow import EncoderCache, FlowDecoder, mel_frames_for_tokens
 from models.hift import HiFTGenerator, SourceDraws
 
@@ -67,6 +68,10 @@ class StreamingConfig:
     vocoder_crossfade_frames: int = 2  # old -> new cross-fade at the start of the held part
     n_timesteps: int = 10  # Euler steps of the flow sampler (reference: 10)
     seed: int = 42  # per-stream generator seed (noise and sine phases)
+    # On CUDA, replay the flow sampler (all its estimator calls) as CUDA graphs, one per
+    # window shape and batch bucket (batches are filled up to a power of two with copies of
+    # their first row, which change no other row's result).
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if min(self.block_tokens, self.n_timesteps, self.encoder_cache_tokens) < 1:
@@ -177,6 +182,9 @@ class StreamingDecoder:
         with torch.no_grad():
             zeros = torch.zeros(1, flow.cfg.spk_embed_dim, device=self._device, dtype=self._dtype)
             self._spks = flow.speaker_projection(zeros)  # GLM-4-Voice uses a zero x-vector
+        self._sampler_graphs: CudaGraphCache | None = None
+        if self.config.cuda_graphs and self._device.type == "cuda":
+            self._sampler_graphs = CudaGraphCache(self._sampler, max_graphs=48, warm_up_runs=1)
 
     @classmethod
     def from_pretrained(
@@ -189,6 +197,11 @@ class StreamingDecoder:
         flow = FlowDecoder.from_pretrained(decoder_dir, device=device, dtype=dtype)
         hift = HiFTGenerator.from_pretrained(decoder_dir, device=device, dtype=dtype)
         return cls(flow, hift, config)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether the flow sampler replays CUDA graphs (recorded per shape on first use)."""
+        return self._sampler_graphs is not None
 
     @property
     def _device(self) -> torch.device:
@@ -373,7 +386,21 @@ class StreamingDecoder:
         mask = torch.ones(len(plans), 1, n_frames, device=mu.device, dtype=mu.dtype)
         noise = torch.cat([torch.randn(1, 80, n_frames, generator=g) for g in generators])
         spks = self._spks.expand(len(plans), -1)
-        return self.flow.decoder(mu, mask, spks, cond, self.config.n_timesteps, noise.to(mu))
+        inputs = (mu, mask, spks, cond, noise.to(mu))
+        if self._sampler_graphs is None:
+            return self._sampler(*inputs)
+        rows = len(plans)
+        bucket = 1 << (rows - 1).bit_length()
+        if bucket > rows:  # fill the batch up with copies of its first row
+            inputs = tuple(
+                torch.cat([x, x[:1].expand(bucket - rows, *x.shape[1:])]) for x in inputs
+            )
+        return self._sampler_graphs(*inputs)[:rows].clone()
+
+    def _sampler(
+        self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, noise: Tensor
+    ) -> Tensor:
+        return self.flow.decoder(mu, mask, spks, cond, self.config.n_timesteps, noise)
 
     @staticmethod
     def _crossfade_lookahead(mel: Tensor, lookahead: Tensor) -> Tensor:

@@ -38,6 +38,7 @@ WARM_UP_SPEECH_S = 1.5  # synthetic speech the warm-up tokenizes
 # LM steps per warmed batch size: a CUDA-graph step is recorded (or compiled), then replayed.
 WARM_UP_STEPS = 3
 WARM_UP_STREAMS = 2  # decoder streams of the warm-up (batched when the decoder batches)
+WARM_UP_GRAPH_BLOCKS = 4  # blocks of the warm-up answer when the decoder replays CUDA graphs
 
 
 def default_lm_dtype(device: str) -> torch.dtype:
@@ -368,11 +369,22 @@ class GLM4VoiceBrain:
         logger.debug("warmed LM steps at batch sizes %s", sizes)
 
     def _warm_decoder(self) -> None:
+        """One block per warm-up stream; where the decoder replays CUDA graphs, a whole short
+        answer alone and batched, so the graphs of the first, second and later blocks are
+        recorded before a conversation needs them."""
         block = self.block_tokens or 10
-        codes = [(7 * index) % 4096 for index in range(block)]
-        streams = WARM_UP_STREAMS if self.batch_decoder else 1
-        requests = [(self.reply_decoder.new_stream(), codes, True) for _ in range(streams)]
-        self.reply_decoder.decode_many(requests, batched=self.batch_decoder)
+        graphs = getattr(self.reply_decoder.decoder, "uses_cuda_graphs", False)
+        blocks = WARM_UP_GRAPH_BLOCKS if graphs else 1
+        codes = [(7 * index) % 4096 for index in range(blocks * block)]
+        together = WARM_UP_STREAMS if self.batch_decoder else 1
+        batches = sorted({1, together}) if graphs else [together]
+        for streams in batches:
+            states = [self.reply_decoder.new_stream() for _ in range(streams)]
+            for index in range(blocks):
+                part = codes[index * block : (index + 1) * block]
+                final = index == blocks - 1
+                requests = [(state, part, final) for state in states]
+                self.reply_decoder.decode_many(requests, batched=self.batch_decoder)
 
 
 def _sequence_batch(stepper: LMStepper, options: LoadOptions) -> SequenceBatch:

@@ -7,8 +7,9 @@ be compiled into CUDA graphs.
   columns per layer, allocated once. A prompt is prefilled on its own (dynamic shapes, once
   per turn) and copied into the first columns of its slot.
 - Every step writes its new keys/values into one shared column (`cursor`) of every row in
-  the step's batch bucket; a boolean table [max_batch, max_len] says which columns hold a
-  row's real tokens, and the step attends through an additive mask built from it. A row's
+  the step's batch bucket; a boolean table [max_batch, max_len] on the host says which
+  columns hold a row's real tokens, and a device copy of it as an additive mask (0 or the
+  dtype's minimum) is what the step attends through, updated a column at a time. A row's
   positions are its own (the count of its real tokens), so gaps of unused columns change
   nothing. A sequence that sits out a step (paused, or a free slot) gets a junk entry in
   that column that its mask never shows it.
@@ -19,8 +20,8 @@ be compiled into CUDA graphs.
 Because the one-token step always has the same shapes per bucket, it can run as a CUDA graph
 per bucket, which removes the per-layer kernel-launch and Python overhead that dominates a
 one-token step at small batch, at the price of attending over all `max_len` columns:
-`record_graphs` captures the plain step directly (`GraphedStep`: a second or so per bucket,
-no compiler), `compile_step` wraps it in `torch.compile(mode="reduce-overhead")` (inductor
+`record_graphs` captures the plain step directly (`CudaGraphCache`: a second or so per
+bucket, no compiler), `compile_step` wraps it in `torch.compile(mode="reduce-overhead")` (inductor
 kernels plus CUDA graphs, minutes of compilation at the 9B size). Either is recorded per
 bucket on the bucket's first step (the engine's warm-up steps every bucket once). On the CPU
 the same static path runs plainly; it gives the logits of the dynamic cache.
@@ -35,6 +36,7 @@ from typing import Literal
 
 import torch
 
+from models.cuda_graphs import CudaGraphCache
 from models.lm import LMStepper
 
 logger = logging.getLogger(__name__)
@@ -107,67 +109,6 @@ StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 StepMode = Literal["plain", "graphs", "compile"]
 
 
-@dataclass
-class _Recording:
-    graph: torch.cuda.CUDAGraph
-    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    output: torch.Tensor
-
-
-class GraphedStep:
-    """`forward` recorded as one CUDA graph per batch size, on the first call at that size.
-
-    A call copies its inputs into the recording's input buffers and replays it; every other
-    tensor the step touches (weights, the slot cache, its column index) keeps its address, so
-    the replay reads and writes the live ones. The returned tensor is the recording's output
-    buffer, overwritten by the next replay of any size (all share one memory pool): copy it
-    before the next call. Recording runs the step three times on the real inputs (two warm-up
-    runs on a side stream, as capture requires, then the capture itself, which runs nothing);
-    the warm-up runs write the same cache column the replay writes, so they leave nothing
-    behind.
-    """
-
-    WARM_UP_RUNS = 2
-
-    def __init__(self, forward: StepFn) -> None:
-        self._forward = forward
-        self._recordings: dict[int, _Recording] = {}
-        self._pool = torch.cuda.graph_pool_handle()
-
-    @property
-    def recorded_sizes(self) -> list[int]:
-        return sorted(self._recordings)
-
-    def __call__(
-        self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        recording = self._recordings.get(token_ids.shape[0])
-        if recording is None:
-            recording = self._record(token_ids, positions, mask)
-        for buffer, value in zip(recording.inputs, (token_ids, positions, mask), strict=True):
-            buffer.copy_(value)
-        recording.graph.replay()
-        return recording.output
-
-    def _record(
-        self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
-    ) -> _Recording:
-        inputs = (token_ids.clone(), positions.clone(), mask.clone())
-        side = torch.cuda.Stream(device=token_ids.device)
-        side.wait_stream(torch.cuda.current_stream(token_ids.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.WARM_UP_RUNS):
-                self._forward(*inputs)
-        torch.cuda.current_stream(token_ids.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            output = self._forward(*inputs)
-        recording = _Recording(graph, inputs, output)
-        self._recordings[token_ids.shape[0]] = recording
-        logger.debug("decode step recorded as a CUDA graph for %d rows", token_ids.shape[0])
-        return recording
-
-
 class StaticKVBatch:
     """Sequences of a local `LMStepper` in a preallocated cache, one row each (see module)."""
 
@@ -187,7 +128,10 @@ class StaticKVBatch:
             device,
         )
         rows, cols = self.config.max_batch, self.config.max_len
-        self._valid = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+        self._valid = torch.zeros(rows, cols, dtype=torch.bool)  # host bookkeeping
+        self._hidden = torch.finfo(self._dtype).min
+        self._bias = torch.full((rows, cols), self._hidden, dtype=self._dtype, device=device)
+        self._pin = device.type == "cuda"
         self._lengths = [0] * rows  # real tokens per slot (= the next GLM-4 position)
         self._slot_of: dict[Hashable, int] = {}
         self._cursor = 0  # the next column written by a step
@@ -211,7 +155,7 @@ class StaticKVBatch:
         """Run the one-token step as CUDA graphs recorded from the plain step (one per
         bucket, on its first use): no compiler, about a second per bucket."""
         self._require_cuda("CUDA-graph")
-        self._step_fn = GraphedStep(self._forward)
+        self._step_fn = CudaGraphCache(self._forward, max_graphs=len(self.config.buckets))
         self.mode = "graphs"
         logger.info("decode step runs as CUDA graphs for batch buckets %s", self.config.buckets)
 
@@ -243,6 +187,8 @@ class StaticKVBatch:
             self.cache.values[layer][slot, :, :length] = cached.values[0]
         self._valid[slot] = False
         self._valid[slot, :length] = True
+        self._bias[slot].fill_(self._hidden)
+        self._bias[slot, :length] = 0
         self._lengths[slot] = length
         self._slot_of[key] = slot
         self._cursor = max(self._cursor, length)
@@ -258,21 +204,35 @@ class StaticKVBatch:
             self._compact()
         slots = [self._slot_of[key] for key in keys]
         rows = self.config.bucket(max(slots) + 1)
-        token_ids, positions, mask = self._step_inputs(slots, tokens, rows)
+        cursor = self._cursor
+        inputs = self._step_inputs(slots, tokens, rows)
+        token_ids, positions, index = inputs[0, :, None], inputs[1, :, None], inputs[2]
+        # Every row of the bucket sees the new column for this step (a row outside the step
+        # sees its own junk entry, so no row's softmax is empty); afterwards only the rows
+        # that took a token keep it.
+        self._bias[:rows, cursor] = 0
         with torch.inference_mode():
-            self.cache.column.fill_(self._cursor)
-            logits = self._run_step(token_ids, positions, mask)
+            self.cache.column.fill_(cursor)
+            logits = self._run_step(token_ids, positions, self._bias[:rows, None, None, :])
+            if slots == list(range(len(slots))):
+                logits = logits[: len(slots)].clone()
+            else:
+                logits = logits.index_select(0, index[: len(slots)])
+        left_out = sorted(set(range(rows)) - set(slots))
+        if left_out:
+            self._bias[left_out, cursor] = self._hidden
+        self._valid[slots, cursor] = True
         self._cursor += 1
         for slot in slots:
             self._lengths[slot] += 1
-        index = torch.tensor(slots, device=logits.device)
-        return logits.index_select(0, index)
+        return logits
 
     def release(self, key: Hashable) -> None:
         slot = self._slot_of.pop(key, None)
         if slot is None:
             return
         self._valid[slot] = False
+        self._bias[slot].fill_(self._hidden)
         self._lengths[slot] = 0
         if not self._slot_of:
             self._cursor = 0
@@ -290,35 +250,27 @@ class StaticKVBatch:
                 return slot
         raise RuntimeError(f"all {self.config.max_batch} rows of the static KV cache are in use")
 
-    def _step_inputs(
-        self, slots: list[int], tokens: Sequence[int], rows: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Ids [rows, 1], positions [rows, 1] and the additive mask [rows, 1, 1, max_len];
-        marks the stepped rows' new column as one of their real columns."""
-        device = self._valid.device
-        token_ids = torch.zeros(rows, 1, dtype=torch.long)
-        positions = torch.zeros(rows, 1, dtype=torch.long)
-        for slot, token in zip(slots, tokens, strict=True):
-            token_ids[slot, 0] = int(token)
-            positions[slot, 0] = self._lengths[slot]
-        self._valid[slots, self._cursor] = True
-        visible = self._valid[:rows].clone()
-        # Rows outside the step see their own junk column, so no row's softmax is empty.
-        visible[:, self._cursor] = True
-        mask = torch.zeros(rows, 1, 1, self.config.max_len, dtype=self._dtype, device=device)
-        mask.masked_fill_(~visible[:, None, None, :], torch.finfo(self._dtype).min)
-        return token_ids.to(device), positions.to(device), mask
+    def _step_inputs(self, slots: list[int], tokens: Sequence[int], rows: int) -> torch.Tensor:
+        """[3, rows] on the device, in one copy: token ids, positions (each row's count of
+        real tokens) and the stepped slots (padded with zeros)."""
+        host = torch.zeros((3, rows), dtype=torch.long, pin_memory=self._pin)
+        values = host.numpy()
+        for i, (slot, token) in enumerate(zip(slots, tokens, strict=True)):
+            values[0, slot] = int(token)
+            values[1, slot] = self._lengths[slot]
+            values[2, i] = slot
+        return host.to(self._bias.device, non_blocking=True)
 
     def _run_step(
         self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """The graph step if there is one; should it fail, the plain step from then on (it
-        writes the same cache column, so the failed call leaves nothing behind)."""
+        """Logits [rows, V] of the graph step if there is one (its output buffer: copy it
+        before the next step); should it fail, the plain step from then on (it writes the
+        same cache column, so the failed call leaves nothing behind)."""
         if not self.compiled:
             return self._forward(token_ids, positions, mask)
         try:
-            # A graph's output buffer is overwritten by its next replay: keep a copy.
-            return self._step_fn(token_ids, positions, mask).clone()
+            return self._step_fn(token_ids, positions, mask)
         except Exception:
             logger.exception("the %s decode step failed: stepping plainly from now on", self.mode)
             self._step_fn, self.mode = self._forward, "plain"
@@ -344,11 +296,14 @@ class StaticKVBatch:
         for slot in self._slot_of.values():
             columns = self._valid[slot].nonzero().squeeze(-1)
             count = int(columns.numel())
+            columns = columns.to(self._bias.device)
             for layer in range(len(self.cache.keys)):
                 for store in (self.cache.keys[layer], self.cache.values[layer]):
                     store[slot, :, :count] = store[slot, :, columns]
             self._valid[slot] = False
             self._valid[slot, :count] = True
+            self._bias[slot].fill_(self._hidden)
+            self._bias[slot, :count] = 0
             end = max(end, count)
         if end >= self.config.max_len:
             raise RuntimeError(f"a sequence reached the static KV cache's {end} columns")
@@ -356,4 +311,4 @@ class StaticKVBatch:
         self._cursor = end
 
 
-__all__ = ["GraphedStep", "SlotCache", "StaticCacheConfig", "StaticKVBatch", "StepMode"]
+__all__ = ["SlotCache", "StaticCacheConfig", "StaticKVBatch", "StepMode"]
