@@ -3,7 +3,7 @@
 # minutes. Parts, in this order (PARTS="..." picks some):
 #   tests     the CUDA-only tests (graph replays against plain calls)
 #   lm        LM prefill and decode steps: dynamic cache, static cache, CUDA graphs
-#             (LM_STEPS=... to choose) at batch 1, 4, 16
+#             (LM_STEPS=... to choose; LM_MODES="" skips the plain decode) at batch 1, 4, 16
 #   engine    the engine's first audio per stage and 1..16 concurrent conversations
 #   decoder   decoder cost per block along an answer, reference vs. fast
 #   warm-up   start-up warm-up and the first turn of a fresh process with and without it
@@ -39,7 +39,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 transformers.__version__, '|', torch.cuda.get_device_name())" || exit 1
 
 part tests 90 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
-part lm 120 "$py" -m bench.bench_lm --full --modes bf16 \
+part lm 120 "$py" -m bench.bench_lm --full --modes "${LM_MODES-bf16}" \
     --decode-steps "${LM_STEPS:-dynamic,static,graphs}" --json "$out/lm.json"
 part engine 200 "$py" -m bench.bench_glm4voice --full --sections stages,concurrency \
     --repeats 1 --json "$out/engine.json"

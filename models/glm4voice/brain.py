@@ -39,6 +39,7 @@ WARM_UP_SPEECH_S = 1.5  # synthetic speech the warm-up tokenizes
 WARM_UP_STEPS = 3
 WARM_UP_STREAMS = 2  # decoder streams of the warm-up (batched when the decoder batches)
 WARM_UP_GRAPH_BLOCKS = 4  # blocks of the warm-up answer when the decoder replays CUDA graphs
+WARM_UP_GRAPH_STREAMS = 16  # most streams the warm-up records decoder graphs for
 
 
 def default_lm_dtype(device: str) -> torch.dtype:
@@ -336,7 +337,7 @@ class GLM4VoiceBrain:
         prompt = build_prompt("", audio_tokens_text(codes), "audio")
         self._warm_lm(self.tokenizer.encode(prompt), max_batch, stages)
         with _timed(stages, "decoder"):
-            self._warm_decoder()
+            self._warm_decoder(max_batch)
         return stages
 
     def _warm_speech_tokenizer(self) -> list[int]:
@@ -368,16 +369,21 @@ class GLM4VoiceBrain:
                 self.sequences.release(key)
         logger.debug("warmed LM steps at batch sizes %s", sizes)
 
-    def _warm_decoder(self) -> None:
+    def _warm_decoder(self, max_batch: int) -> None:
         """One block per warm-up stream; where the decoder replays CUDA graphs, a whole short
-        answer alone and batched, so the graphs of the first, second and later blocks are
-        recorded before a conversation needs them."""
+        answer alone and in every batch bucket up to `max_batch` streams, so the graphs of
+        the first, second and later blocks are recorded before a conversation needs them."""
         block = self.block_tokens or 10
         graphs = getattr(self.reply_decoder.decoder, "uses_cuda_graphs", False)
         blocks = WARM_UP_GRAPH_BLOCKS if graphs else 1
         codes = [(7 * index) % 4096 for index in range(blocks * block)]
         together = WARM_UP_STREAMS if self.batch_decoder else 1
-        batches = sorted({1, together}) if graphs else [together]
+        batches = [together]
+        if graphs:
+            limit = min(max_batch, self.max_sequences or max_batch, WARM_UP_GRAPH_STREAMS)
+            batches = [1]
+            while self.batch_decoder and batches[-1] < limit:
+                batches.append(min(2 * batches[-1], limit))
         for streams in batches:
             states = [self.reply_decoder.new_stream() for _ in range(streams)]
             for index in range(blocks):
