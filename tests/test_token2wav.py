@@ -363,3 +363,54 @@ def test_decode_many_refuses_one_stream_twice(fast_decoder: StreamingDecoder) ->
     stream = fast_decoder.new_stream()
     with pytest.raises(ValueError, match="at most once"):
         fast_decoder.decode_many([(stream, [1] * 10, False), (stream, [2] * 10, False)])
+
+
+class _RecordingStandIn:
+    """Stands in for the CUDA graph cache on the CPU: runs the plain sampler, notes batches."""
+
+    def __init__(self, decoder: StreamingDecoder, fail: bool = False) -> None:
+        self.decoder, self.fail, self.batches = decoder, fail, []
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        self.batches.append(int(inputs[0].shape[0]))
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return self.decoder._sampler(*inputs)
+
+
+def _three_streams(decoder: StreamingDecoder) -> list[Tensor]:
+    """Three streams decoded together in blocks of 10, 10 and a short last block of 5."""
+    tokens = [_tokens(25, seed=10 + i) for i in range(3)]
+    streams = [decoder.new_stream(20 + i) for i in range(3)]
+    parts: list[list[Tensor]] = [[], [], []]
+    for start, end in ((0, 10), (10, 20), (20, 25)):
+        requests = [
+            (s, t[0, start:end].tolist(), end == 25) for s, t in zip(streams, tokens, strict=True)
+        ]
+        for out, speech in zip(parts, decoder.decode_many(requests), strict=True):
+            out.append(speech)
+    return [torch.cat(p, dim=-1) for p in parts]
+
+
+def test_graphed_sampler_batches_are_filled_to_a_bucket_and_short_blocks_run_plainly(
+    tiny_folder: Path,
+) -> None:
+    plain = _three_streams(StreamingDecoder.from_pretrained(tiny_folder))
+    decoder = StreamingDecoder.from_pretrained(tiny_folder)
+    stand_in = _RecordingStandIn(decoder)
+    decoder._sampler_graphs = stand_in  # what a CUDA device sets up
+    graphed = _three_streams(decoder)
+    assert stand_in.batches == [4, 4]  # full blocks only, three streams filled up to four
+    for want, got in zip(plain, graphed, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
+
+
+def test_a_failing_sampler_graph_falls_back_to_plain_sampling_for_good(tiny_folder: Path) -> None:
+    plain = _three_streams(StreamingDecoder.from_pretrained(tiny_folder))
+    decoder = StreamingDecoder.from_pretrained(tiny_folder)
+    stand_in = _RecordingStandIn(decoder, fail=True)
+    decoder._sampler_graphs = stand_in
+    graphed = _three_streams(decoder)
+    assert stand_in.batches == [4] and not decoder.uses_cuda_graphs  # tried once
+    for want, got in zip(plain, graphed, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)

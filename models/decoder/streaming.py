@@ -69,8 +69,9 @@ class StreamingConfig:
     n_timesteps: int = 10  # Euler steps of the flow sampler (reference: 10)
     seed: int = 42  # per-stream generator seed (noise and sine phases)
     # On CUDA, replay the flow sampler (all its estimator calls) as CUDA graphs, one per
-    # window shape and batch bucket (batches are filled up to a power of two with copies of
-    # their first row, which change no other row's result).
+    # window shape and batch bucket, for full blocks (a short last block runs plainly).
+    # Batches are filled up to a power of two with copies of their first row: no other row's
+    # result depends on them, though a different batch size can change float rounding.
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
@@ -387,7 +388,8 @@ class StreamingDecoder:
         noise = torch.cat([torch.randn(1, 80, n_frames, generator=g) for g in generators])
         spks = self._spks.expand(len(plans), -1)
         inputs = (mu, mask, spks, cond, noise.to(mu))
-        if self._sampler_graphs is None:
+        full = all(p.last_token - p.first_token == self.config.block_tokens for p in plans)
+        if self._sampler_graphs is None or not full:  # a short last block: too rare to record
             return self._sampler(*inputs)
         rows = len(plans)
         bucket = 1 << (rows - 1).bit_length()
@@ -395,7 +397,12 @@ class StreamingDecoder:
             inputs = tuple(
                 torch.cat([x, x[:1].expand(bucket - rows, *x.shape[1:])]) for x in inputs
             )
-        return self._sampler_graphs(*inputs)[:rows].clone()
+        try:
+            return self._sampler_graphs(*inputs)[:rows].clone()
+        except Exception:
+            logger.exception("the flow sampler's CUDA graph failed: sampling plainly from now on")
+            self._sampler_graphs = None
+            return self._sampler(*(x[:rows] for x in inputs))
 
     def _sampler(
         self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, noise: Tensor
