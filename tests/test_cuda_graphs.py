@@ -44,7 +44,8 @@ def test_graph_steps_give_the_plain_static_steps_logits():
     schedule = ["ab", "a", "ab", "b", "ab", "ab", "a"]
     results = []
     for graphs in (False, True):
-        static = StaticKVBatch(stepper, StaticCacheConfig(max_batch=4, max_len=64))
+        config = StaticCacheConfig(max_batch=4, max_len=64, min_columns=8)  # spans 8..64
+        static = StaticKVBatch(stepper, config)
         if graphs:
             static.record_graphs()
         rows = [static.prefill(k, p) for k, p in prompts.items()]

@@ -49,27 +49,34 @@ def _run_schedule(batch, prompts: dict[str, list[int]], tokens: dict[str, list[i
 SCHEDULE = ["abc", "ab", "b", "bc", "cab", "ca", "c", "abc", "ab", "b", "ab", "a", "ac", "c"]
 
 
-def test_static_cache_steps_give_the_dynamic_cache_logits(stepper):
-    """Rows join, pause and come back; the static rows attend through their masks only."""
+@pytest.mark.parametrize("min_columns", [256, 8])
+def test_static_cache_steps_give_the_dynamic_cache_logits(stepper, min_columns):
+    """Rows join, pause and come back; the static rows attend through their masks only (over
+    all 64 columns, or over spans of 8, 16, 32 and 64 as the cursor moves on)."""
     gen = torch.Generator().manual_seed(0)
     prompts = {key: _random_ids(gen, n) for key, n in zip("abc", (5, 17, 9), strict=True)}
     tokens = {key: _random_ids(gen, 8) for key in "abc"}
     want = _run_schedule(KVCacheBatch(stepper), prompts, tokens, SCHEDULE)
-    static = StaticKVBatch(stepper, StaticCacheConfig(max_batch=4, max_len=64))
+    config = StaticCacheConfig(max_batch=4, max_len=64, min_columns=min_columns)
+    static = StaticKVBatch(stepper, config)
     got = _run_schedule(static, prompts, tokens, SCHEDULE)
     for key in "abc":
         assert got[key].shape == want[key].shape == (9, 512)
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0)
 
 
-def test_static_cache_packs_its_rows_when_the_columns_run_out(stepper):
-    """A short cache: the cursor reaches its end and the rows are packed to the left."""
+@pytest.mark.parametrize("min_columns", [256, 4])
+def test_static_cache_packs_its_rows_when_the_columns_run_out(stepper, min_columns):
+    """A short cache: the cursor reaches its end and the rows are packed to the left (after
+    which the step attends over a shorter span again)."""
     gen = torch.Generator().manual_seed(1)
     prompts = {"a": _random_ids(gen, 6), "b": _random_ids(gen, 3)}
     tokens = {"a": _random_ids(gen, 30), "b": _random_ids(gen, 30)}
     schedule = ["ab", "a", "b"] * 30  # pauses leave junk columns that packing drops
     want = _run_schedule(KVCacheBatch(stepper), prompts, tokens, schedule)
-    static = StaticKVBatch(stepper, StaticCacheConfig(max_batch=2, max_len=40))
+    static = StaticKVBatch(
+        stepper, StaticCacheConfig(max_batch=2, max_len=40, min_columns=min_columns)
+    )
     got = _run_schedule(static, prompts, tokens, schedule)
     for key in "ab":
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0)
@@ -132,6 +139,13 @@ def test_the_static_step_traces_as_one_graph_without_breaks(stepper):
     finally:
         torch._dynamo.reset()
     assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+def test_column_spans_are_powers_of_two_up_to_the_cache_length():
+    config = StaticCacheConfig(max_len=3000, min_columns=256)
+    assert config.column_spans == [256, 512, 1024, 2048, 3000]
+    assert [config.column_span(n) for n in (1, 256, 257, 2049, 3000)] == [256, 256, 512, 3000, 3000]
+    assert StaticCacheConfig(max_len=64).column_spans == [64]
 
 
 @pytest.mark.parametrize("start", ["record_graphs", "compile_step"])

@@ -15,15 +15,16 @@ be compiled into CUDA graphs.
   that column that its mask never shows it.
 - When the cursor reaches `max_len`, each row's real columns are packed to the left.
 - A step covers the smallest bucket (power of two up to `max_batch`) holding the highest
-  slot in use; slots are handed out lowest first.
+  slot in use; slots are handed out lowest first. It attends over the smallest column span
+  (power of two from `min_columns`, or `max_len`) holding the cursor.
 
-Because the one-token step always has the same shapes per bucket, it can run as a CUDA graph
-per bucket, which removes the per-layer kernel-launch and Python overhead that dominates a
-one-token step at small batch, at the price of attending over all `max_len` columns:
-`record_graphs` captures the plain step directly (`CudaGraphCache`: a second or so per
-bucket, no compiler), `compile_step` wraps it in `torch.compile(mode="reduce-overhead")` (inductor
-kernels plus CUDA graphs, minutes of compilation at the 9B size). Either is recorded per
-bucket on the bucket's first step (the engine's warm-up steps every bucket once). On the CPU
+Because the one-token step has the same shapes for every (bucket, span), it can run as one
+CUDA graph each, which removes the per-layer kernel-launch and Python overhead that dominates
+a one-token step at small batch: `record_graphs` captures the plain step directly
+(`CudaGraphCache`: about three plain steps' time per recording, no compiler); `compile_step`
+wraps it in `torch.compile(mode="reduce-overhead")` (inductor kernels plus CUDA graphs,
+minutes of compilation at the 9B size), one graph per bucket over all `max_len` columns.
+Either is recorded on first use (the engine's warm-up steps every bucket once). On the CPU
 the same static path runs plainly; it gives the logits of the dynamic cache.
 """
 
@@ -50,10 +51,27 @@ class StaticCacheConfig:
 
     max_batch: int = 8
     max_len: int = 8192
+    # A step attends over the first columns up to the smallest span (a power of two from
+    # min_columns, or max_len) that holds the cursor, not over all max_len columns.
+    min_columns: int = 256
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_len < 2:
-            raise ValueError("need max_batch >= 1 and max_len >= 2")
+        if self.max_batch < 1 or self.max_len < 2 or self.min_columns < 1:
+            raise ValueError("need max_batch >= 1, max_len >= 2 and min_columns >= 1")
+
+    @property
+    def column_spans(self) -> list[int]:
+        """Column counts a step attends over: powers of two from min_columns, then max_len."""
+        spans = []
+        span = self.min_columns
+        while span < self.max_len:
+            spans.append(span)
+            span *= 2
+        return [*spans, self.max_len]
+
+    def column_span(self, columns: int) -> int:
+        """The smallest span holding `columns` columns."""
+        return next(span for span in self.column_spans if span >= columns)
 
     @property
     def buckets(self) -> list[int]:
@@ -72,7 +90,8 @@ class StaticCacheConfig:
 
 class SlotCache:
     """Keys/values [max_batch, kv_heads, max_len, head_dim] per layer; `update` writes the
-    step's one new column at `column` for the first rows and returns those rows' whole cache
+    step's one new column at `column` for the first rows and returns those rows' first
+    `span` columns
     (the transformers attention layers call it as they call a `Cache`)."""
 
     def __init__(
@@ -88,6 +107,7 @@ class SlotCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.span = config.max_len  # columns `update` returns (set before each step)
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, **_: object
@@ -97,7 +117,7 @@ class SlotCache:
         values = self.values[layer_idx][:rows]
         keys.index_copy_(2, self.column, key_states.to(keys.dtype))
         values.index_copy_(2, self.column, value_states.to(values.dtype))
-        return keys, values
+        return keys[:, :, : self.span], values[:, :, : self.span]
 
     def mark_static(self) -> None:
         """Tell the compiler these tensors keep their addresses (needed by CUDA graphs)."""
@@ -155,7 +175,8 @@ class StaticKVBatch:
         """Run the one-token step as CUDA graphs recorded from the plain step (one per
         bucket, on its first use): no compiler, about a second per bucket."""
         self._require_cuda("CUDA-graph")
-        self._step_fn = CudaGraphCache(self._forward, max_graphs=len(self.config.buckets))
+        graphs = len(self.config.buckets) * len(self.config.column_spans)
+        self._step_fn = CudaGraphCache(self._forward, max_graphs=graphs)
         self.mode = "graphs"
         logger.info("decode step runs as CUDA graphs for batch buckets %s", self.config.buckets)
 
@@ -164,6 +185,7 @@ class StaticKVBatch:
         on first use; compiling takes minutes at the full size)."""
         self._require_cuda("compiled")
         self.cache.mark_static()
+        # One compiled graph per batch bucket: every step attends over all columns.
         self._step_fn = torch.compile(self._forward, mode="reduce-overhead", dynamic=False)
         self.mode = "compile"
         logger.info("decode step compiled for batch buckets %s", self.config.buckets)
@@ -211,9 +233,14 @@ class StaticKVBatch:
         # sees its own junk entry, so no row's softmax is empty); afterwards only the rows
         # that took a token keep it.
         self._bias[:rows, cursor] = 0
+        span = (
+            self.config.max_len if self.mode == "compile" else self.config.column_span(cursor + 1)
+        )
+        self.cache.span = span
         with torch.inference_mode():
             self.cache.column.fill_(cursor)
-            logits = self._run_step(token_ids, positions, self._bias[:rows, None, None, :])
+            mask = self._bias[:rows, None, None, :span]
+            logits = self._run_step(token_ids, positions, mask)
             if slots == list(range(len(slots))):
                 logits = logits[: len(slots)].clone()
             else:
