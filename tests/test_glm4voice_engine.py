@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from agent.engine import AudioChunk, EngineError, HistoryItem, TextDelta, UserTurn
+from models.glm4voice import brain as brain_module
 from models.glm4voice.batching import KVCacheBatch, SerialBatch
 from models.glm4voice.brain import LoadOptions
 from models.glm4voice.engine import EngineOptions, GLM4VoiceEngine, history_prefix
+from models.glm4voice.static_batch import StaticCacheConfig, StaticKVBatch
 from models.glm4voice.tokens import TokenConstraints, TokenMasks, TokenPattern, sample_nucleus
 from models.glm4voice.worker import AudioBlock, BlockHold, Job, ModelWorker
 from models.lm import LMStepper, build_random_lm
@@ -60,6 +62,7 @@ class ScriptedBrain:
         self.decoded_blocks: list[tuple[list[int], bool]] = []
         self.prompts: list[str] = []
         self.batch_sizes: list[int] = []
+        self.start_batches: list[int] = []  # jobs per start_jobs call
         self.released: list[int] = []
         self.heard: list[np.ndarray] = []
         self.steps = 0
@@ -71,11 +74,15 @@ class ScriptedBrain:
     def listen(self, listener, samples: np.ndarray) -> None:
         self.heard.append(samples)
 
-    def start_job(self, job: Job) -> None:
-        user = job.turn_text if job.turn_text is not None else f"<audio {len(job.turn_audio)}>"
-        job.prompt = job.history_prefix + f"<|user|>\n{user}<|assistant|>streaming_transcription\n"
-        self.prompts.append(job.prompt)
-        job.logits = 0  # the scripted "logits" are the position in the script
+    def start_jobs(self, jobs: list[Job]) -> list[BaseException | None]:
+        self.start_batches.append(len(jobs))
+        for job in jobs:
+            user = job.turn_text if job.turn_text is not None else f"<audio {len(job.turn_audio)}>"
+            prefix = job.history_prefix
+            job.prompt = prefix + f"<|user|>\n{user}<|assistant|>streaming_transcription\n"
+            self.prompts.append(job.prompt)
+            job.logits = 0  # the scripted "logits" are the position in the script
+        return [None] * len(jobs)
 
     def sample(self, jobs: list[Job]) -> list[int]:
         return [self.script[job.logits] for job in jobs]
@@ -465,6 +472,32 @@ def test_batched_decoding_gives_each_sequence_the_logits_it_gets_alone(stepper):
     assert all(position[k] == 8 for k in "abc")
 
 
+@pytest.mark.parametrize(
+    "make", [KVCacheBatch, lambda s: StaticKVBatch(s, StaticCacheConfig(4, 64))]
+)
+def test_prompts_prefilled_together_get_the_logits_they_get_alone(stepper, make):
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 500, (n,), generator=gen).tolist() for n in (5, 17, 9)]
+    tokens = [torch.randint(0, 500, (4,), generator=gen).tolist() for _ in prompts]
+    batch = make(stepper)
+    first = batch.prefill_many(list(zip("abc", prompts, strict=True)))
+    got = {key: [row] for key, row in zip("abc", first, strict=True)}
+    for step in range(4):
+        logits = batch.step(list("abc"), [t[step] for t in tokens])
+        for key, row in zip("abc", logits, strict=True):
+            got[key].append(row)
+    for key, prompt, steps in zip("abc", prompts, tokens, strict=True):
+        want = _alone(stepper, prompt, steps)
+        torch.testing.assert_close(torch.stack(got[key]), want, atol=1e-5, rtol=0)
+
+
+def test_prefill_groups_keep_arrival_order_within_the_padded_budget():
+    jobs = [_job(str(i), []) for i in range(5)]
+    prepared = list(zip(jobs, [[1] * n for n in (10, 30, 20, 100, 5)], strict=True))
+    groups = brain_module._prefill_groups(prepared, 90)
+    assert [[len(ids) for _, ids in group] for group in groups] == [[10, 30, 20], [100], [5]]
+
+
 def test_a_released_sequence_leaves_no_padding_behind(stepper):
     batch = KVCacheBatch(stepper)
     batch.prefill("long", list(range(40)))
@@ -699,6 +732,7 @@ def test_replies_beyond_the_brains_lm_rows_wait_for_a_row():
     while not all(job.finished.is_set() for job in jobs):
         assert worker._round()
     assert max(brain.batch_sizes) == 2
+    assert brain.start_batches == [2, 1]  # the first two started together, the third later
     assert brain.prompts == [
         f"<|user|>\n{i}<|assistant|>streaming_transcription\n" for i in range(3)
     ]

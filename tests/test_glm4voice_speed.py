@@ -247,3 +247,33 @@ def test_the_dynamic_cache_serves_on_the_cpu_and_when_the_static_one_does_not_fi
     monkeypatch.setattr(brain_module, "StaticKVBatch", no_memory)
     chosen = brain_module._sequence_batch(stepper, LoadOptions(device="cuda"))
     assert isinstance(chosen, KVCacheBatch)
+
+
+def test_a_failed_batched_prefill_starts_each_reply_alone_and_a_bad_turn_fails_alone(
+    tmp_path, monkeypatch
+):
+    brain = GLM4VoiceBrain.load(
+        write_tiny_model_set(tmp_path), LoadOptions(sampling=SamplingConfig(seed=0))
+    )
+    calls = []
+    together = brain.sequences.prefill_many
+
+    def out_of_memory_when_batched(prompts):
+        calls.append(len(prompts))
+        if len(prompts) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return together(prompts)
+
+    monkeypatch.setattr(brain.sequences, "prefill_many", out_of_memory_when_batched)
+
+    def job(text):
+        return Job(None, text, "", lambda event: None, max_new_tokens=10, max_ahead_s=1e9)
+
+    good = [job("hello"), job("how are you")]
+    broken = job(None)  # neither audio nor text: its prompt cannot be built
+    errors = brain.start_jobs([good[0], broken, good[1]])
+    assert errors[0] is None and errors[2] is None and errors[1] is not None
+    assert calls == [2, 1, 1]
+    for started in good:
+        assert started.logits is not None and started.decoder_state is not None
+        assert started.timings.stages["prefill"] > 0

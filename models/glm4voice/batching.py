@@ -1,7 +1,8 @@
 """Decoding many conversations' sequences as one batch per step.
 
-`SequenceBatch` is what the model worker drives: prefill a sequence alone, then step any subset
-of the live sequences by one token each. Two implementations:
+`SequenceBatch` is what the model worker drives: prefill sequences (alone, or several that
+arrive together in one left-padded forward), then step any subset of the live sequences by one
+token each. Two implementations:
 
 - `KVCacheBatch` (the local `LMStepper`): the sequences being stepped share one left-padded
   batch (one KV cache, an attention mask with 0 on pads, per-row GLM-4 positions), so a round
@@ -33,6 +34,10 @@ class SequenceBatch(Protocol):
         """Start sequence `key` with its prompt; returns its next-token logits [V] (float32)."""
         ...
 
+    def prefill_many(self, prompts: Sequence[tuple[Hashable, Sequence[int]]]) -> list[torch.Tensor]:
+        """`prefill` for several (key, prompt ids) at once; logits [V] of each, in order."""
+        ...
+
     def step(self, keys: Sequence[Hashable], tokens: Sequence[int]) -> torch.Tensor:
         """Append `tokens[i]` to sequence `keys[i]`; returns the next logits [len(keys), V]."""
         ...
@@ -44,6 +49,19 @@ class SequenceBatch(Protocol):
     def warmup_batch_sizes(self, limit: int) -> list[int]:
         """Batch sizes (at most `limit`) whose first step should run before serving."""
         ...
+
+
+def left_padded(prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one left-padded batch: ids [n, longest] (pads 0) and mask [n, longest]."""
+    if not prompts or any(len(ids) == 0 for ids in prompts):
+        raise ValueError("need at least one prompt, none of them empty")
+    longest = max(len(ids) for ids in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, longest - len(prompt) :] = 1
+    return ids, mask
 
 
 def dynamic_warmup_sizes(limit: int) -> list[int]:
@@ -63,6 +81,9 @@ class SerialBatch:
         logits, state = self.backend.prefill(torch.tensor([list(prompt_ids)], dtype=torch.long))
         self._states[key] = state
         return logits[0]
+
+    def prefill_many(self, prompts: Sequence[tuple[Hashable, Sequence[int]]]) -> list[torch.Tensor]:
+        return [self.prefill(key, ids) for key, ids in prompts]
 
     def step(self, keys: Sequence[Hashable], tokens: Sequence[int]) -> torch.Tensor:
         rows = [
@@ -172,6 +193,20 @@ class KVCacheBatch:
         self._parked[key] = state
         return logits[0]
 
+    def prefill_many(self, prompts: Sequence[tuple[Hashable, Sequence[int]]]) -> list[torch.Tensor]:
+        """One left-padded forward; each row is then parked on its own, its padding trimmed."""
+        if len(prompts) == 1:
+            return [self.prefill(*prompts[0])]
+        if len({key for key, _ in prompts}) != len(prompts):
+            raise ValueError("each sequence can be prefilled once per call")
+        for key, _ in prompts:
+            self.release(key)
+        ids, mask = left_padded([list(prompt) for _, prompt in prompts])
+        logits, state = self.stepper.prefill(ids, mask)
+        for row, (key, _) in enumerate(prompts):
+            self._parked[key] = _copy_rows(state, [row])
+        return list(logits)
+
     def step(self, keys: Sequence[Hashable], tokens: Sequence[int]) -> torch.Tensor:
         if len(set(keys)) != len(keys):
             raise ValueError("a sequence can take one token per step")
@@ -232,4 +267,4 @@ class KVCacheBatch:
         self._rows.append(key)
 
 
-__all__ = ["KVCacheBatch", "SequenceBatch", "SerialBatch"]
+__all__ = ["KVCacheBatch", "SequenceBatch", "SerialBatch", "left_padded"]

@@ -35,6 +35,7 @@ DecodeStep = Literal["auto", "dynamic", "static", "graphs", "compile"]
 DECODE_STEPS: tuple[str, ...] = ("auto", "dynamic", "static", "graphs", "compile")
 
 WARM_UP_SPEECH_S = 1.5  # synthetic speech the warm-up tokenizes
+PREFILL_BATCH_IDS = 16_384  # padded prompt ids (rows x longest) of one batched prefill
 # LM steps per warmed batch size: a CUDA-graph step is recorded (or compiled), then replayed.
 WARM_UP_STEPS = 3
 WARM_UP_STREAMS = 2  # decoder streams of the warm-up (batched when the decoder batches)
@@ -288,14 +289,53 @@ class GLM4VoiceBrain:
 
     def start_job(self, job: Job) -> None:
         """Tokenize the turn, build its prompt on the history, prefill it."""
-        user_input, mode = self.user_input(job)
-        job.prompt = build_prompt(job.history_prefix, user_input, mode)  # type: ignore[arg-type]
-        ids = self.tokenizer.encode(job.prompt)
+        error = self.start_jobs([job])[0]
+        if error is not None:
+            raise error
+
+    def start_jobs(self, jobs: Sequence[Job]) -> list[BaseException | None]:
+        """`start_job` for jobs that arrived together: each turn is tokenized and its prompt
+        built, then the prompts are prefilled in one left-padded forward per group of at most
+        `PREFILL_BATCH_IDS` padded ids. Returns each job's error (None: started); one job's
+        failure leaves the others started."""
+        errors: list[BaseException | None] = [None] * len(jobs)
+        prepared: list[tuple[Job, list[int]]] = []
+        for index, job in enumerate(jobs):
+            try:
+                user_input, mode = self.user_input(job)
+                job.prompt = build_prompt(job.history_prefix, user_input, mode)  # type: ignore[arg-type]
+                prepared.append((job, self.tokenizer.encode(job.prompt)))
+            except Exception as exc:
+                logger.exception("could not build a reply's prompt")
+                errors[index] = exc
+        failed: dict[int, BaseException] = {}
+        for group in _prefill_groups(prepared, PREFILL_BATCH_IDS):
+            self._prefill_group(group, failed)
+        for index, job in enumerate(jobs):
+            errors[index] = errors[index] or failed.get(id(job))
+        return errors
+
+    def _prefill_group(
+        self, group: list[tuple[Job, list[int]]], failed: dict[int, BaseException]
+    ) -> None:
         started = time.perf_counter()
-        job.logits = self.sequences.prefill(job.key, ids)
-        job.timings.add("prefill", time.perf_counter() - started)
-        job.decoder_state = self.reply_decoder.new_stream()
-        logger.debug("prefilled %d prompt ids", len(ids))
+        try:
+            logits = self.sequences.prefill_many([(job.key, ids) for job, ids in group])
+        except Exception as exc:
+            if len(group) == 1:
+                logger.exception("prefill failed")
+                failed[id(group[0][0])] = exc
+                return
+            logger.exception("prefill of %d prompts together failed: one by one", len(group))
+            for item in group:
+                self._prefill_group([item], failed)
+            return
+        elapsed = time.perf_counter() - started
+        for (job, _), row in zip(group, logits, strict=True):
+            job.logits = row
+            job.timings.add("prefill", elapsed)
+            job.decoder_state = self.reply_decoder.new_stream()
+        logger.debug("prefilled %s prompt ids", [len(ids) for _, ids in group])
 
     def sample(self, jobs: Sequence[Job]) -> list[int]:
         """The next id of every job, from its logits, in one batched draw."""
@@ -391,6 +431,23 @@ class GLM4VoiceBrain:
                 final = index == blocks - 1
                 requests = [(state, part, final) for state in states]
                 self.reply_decoder.decode_many(requests, batched=self.batch_decoder)
+
+
+def _prefill_groups(
+    prepared: list[tuple[Job, list[int]]], budget: int
+) -> list[list[tuple[Job, list[int]]]]:
+    """Prompts in arrival order, cut into groups whose padded size (rows x longest prompt)
+    stays within `budget` (a longer prompt goes alone)."""
+    groups: list[list[tuple[Job, list[int]]]] = []
+    for item in prepared:
+        current = groups[-1] if groups else None
+        if current is not None:
+            longest = max(len(item[1]), *(len(ids) for _, ids in current))
+            if longest * (len(current) + 1) <= budget:
+                current.append(item)
+                continue
+        groups.append([item])
+    return groups
 
 
 def _sequence_batch(stepper: LMStepper, options: LoadOptions) -> SequenceBatch:

@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 
 from models.cuda_graphs import CudaGraphCache
+from models.glm4voice.batching import left_padded
 from models.lm import LMStepper
 
 logger = logging.getLogger(__name__)
@@ -197,24 +198,43 @@ class StaticKVBatch:
     # ------------------------------------------------------------------ SequenceBatch
 
     def prefill(self, key: Hashable, prompt_ids: Sequence[int]) -> torch.Tensor:
-        self.release(key)
-        length = len(prompt_ids)
-        if length >= self.config.max_len:
-            raise ValueError(f"a prompt of {length} ids does not fit {self.config.max_len}")
-        slot = self._free_slot()
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
-        logits, state = self.stepper.prefill(ids)
-        for layer, cached in enumerate(state.cache.layers):
-            self.cache.keys[layer][slot, :, :length] = cached.keys[0]
-            self.cache.values[layer][slot, :, :length] = cached.values[0]
-        self._valid[slot] = False
-        self._valid[slot, :length] = True
-        self._bias[slot].fill_(self._hidden)
-        self._bias[slot, :length] = 0
-        self._lengths[slot] = length
-        self._slot_of[key] = slot
-        self._cursor = max(self._cursor, length)
-        return logits[0]
+        return self.prefill_many([(key, prompt_ids)])[0]
+
+    def prefill_many(self, prompts: Sequence[tuple[Hashable, Sequence[int]]]) -> list[torch.Tensor]:
+        """One forward over the left-padded prompts; each row's real columns are copied into
+        the first columns of its own slot."""
+        if len({key for key, _ in prompts}) != len(prompts):
+            raise ValueError("each sequence can be prefilled once per call")
+        for key, prompt_ids in prompts:
+            self.release(key)
+            if len(prompt_ids) >= self.config.max_len:
+                raise ValueError(
+                    f"a prompt of {len(prompt_ids)} ids does not fit {self.config.max_len}"
+                )
+        free = [slot for slot in range(self.config.max_batch) if slot not in self._slot_of.values()]
+        if len(free) < len(prompts):
+            raise RuntimeError(
+                f"all {self.config.max_batch} rows of the static KV cache are in use"
+            )
+        if len(prompts) == 1:
+            ids, mask = torch.tensor([list(prompts[0][1])], dtype=torch.long), None
+        else:
+            ids, mask = left_padded([list(prompt) for _, prompt in prompts])
+        logits, state = self.stepper.prefill(ids, mask)
+        width = ids.shape[1]
+        for row, ((key, prompt_ids), slot) in enumerate(zip(prompts, free, strict=False)):
+            length = len(prompt_ids)
+            for layer, cached in enumerate(state.cache.layers):
+                self.cache.keys[layer][slot, :, :length] = cached.keys[row, :, width - length :]
+                self.cache.values[layer][slot, :, :length] = cached.values[row, :, width - length :]
+            self._valid[slot] = False
+            self._valid[slot, :length] = True
+            self._bias[slot].fill_(self._hidden)
+            self._bias[slot, :length] = 0
+            self._lengths[slot] = length
+            self._slot_of[key] = slot
+            self._cursor = max(self._cursor, length)
+        return list(logits)
 
     def step(self, keys: Sequence[Hashable], tokens: Sequence[int]) -> torch.Tensor:
         if len(set(keys)) != len(keys):
@@ -269,13 +289,6 @@ class StaticKVBatch:
         return [size for size in self.config.buckets if size <= max(1, limit)]
 
     # ------------------------------------------------------------------ internals
-
-    def _free_slot(self) -> int:
-        used = set(self._slot_of.values())
-        for slot in range(self.config.max_batch):
-            if slot not in used:
-                return slot
-        raise RuntimeError(f"all {self.config.max_batch} rows of the static KV cache are in use")
 
     def _step_inputs(self, slots: list[int], tokens: Sequence[int], rows: int) -> torch.Tensor:
         """[3, rows] on the device, in one copy: token ids, positions (each row's count of

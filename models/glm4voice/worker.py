@@ -69,8 +69,10 @@ class SpeechBrain(Protocol):
     def listen(self, listener: TurnListener, samples: np.ndarray) -> None:
         """Tokenize more speech of a turn still being spoken (state in `listener.state`)."""
 
-    def start_job(self, job: Job) -> None:
-        """Tokenize the user's turn, build and prefill the prompt; sets `job.logits`."""
+    def start_jobs(self, jobs: Sequence[Job]) -> list[BaseException | None]:
+        """Tokenize each user's turn, build and prefill the prompts (together where the
+        model can); sets each `job.logits`. Returns each job's error, None when started."""
+        ...
 
     def sample(self, jobs: Sequence[Job]) -> list[int]:
         """The next id of each job from its current logits."""
@@ -379,18 +381,32 @@ class ModelWorker:
         return worked
 
     def _start_waiting(self) -> bool:
-        """Start jobs in arrival order while the brain has room for their LM state; True
-        when any start was tried."""
+        """Start jobs in arrival order while the brain has room for their LM state, all that
+        can start in one call (their prompts are prefilled together); True when any start
+        was tried."""
         limit = self.brain.max_sequences
         running = sum(1 for job in self._active if job.started)
-        tried = False
-        for job in [j for j in self._active if not j.started]:
-            if limit is not None and running >= limit:
-                break
-            tried = True
-            self._guarded(job, self._start)
-            running += int(job.started)
-        return tried
+        waiting = [j for j in self._active if not j.started]
+        if limit is not None:
+            waiting = waiting[: max(0, limit - running)]
+        if not waiting:
+            return False
+        started = time.perf_counter()
+        try:
+            errors = self.brain.start_jobs(waiting)
+        except Exception as exc:  # a failure outside any one job: none of them started
+            logger.exception("replies could not start")
+            errors = [exc] * len(waiting)
+        metrics.MODEL_STEP_SECONDS.labels(stage="prefill").observe(time.perf_counter() - started)
+        now = time.perf_counter()
+        for job, error in zip(waiting, errors, strict=True):
+            if error is not None:
+                self._finish(job, error=error)
+                continue
+            job.text = self.brain.text_stream()
+            job.started = True
+            job.decoding_since = now
+        return True
 
     def _serve_listeners(self) -> bool:
         with self._listen_lock:
@@ -417,14 +433,6 @@ class ModelWorker:
         except Exception as exc:
             logger.exception("reply failed")
             self._finish(job, error=exc)
-
-    def _start(self, job: Job) -> None:
-        started = time.perf_counter()
-        self.brain.start_job(job)
-        metrics.MODEL_STEP_SECONDS.labels(stage="prefill").observe(time.perf_counter() - started)
-        job.text = self.brain.text_stream()
-        job.started = True
-        job.decoding_since = time.perf_counter()
 
     def _too_far_ahead(self, job: Job) -> bool:
         """Pause above max_ahead_s of unplayed audio, resume below max_ahead_s - margin: the
