@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import GlmForCausalLM
 
-from bench.timing import sync
+from bench.timing import best_of, sync
 from models.glm4voice.batching import SequenceBatch
 from models.glm4voice.brain import DECODE_STEPS, make_sequence_batch
 from models.glm4voice.static_batch import StaticCacheConfig
@@ -178,6 +178,61 @@ def measure_steps(
     return setup_s, per_step
 
 
+@dataclass
+class PrefillResult:
+    """`prompts` prompts arriving together, prefilled in one left-padded forward vs. one by one."""
+
+    size: str
+    prompts: int
+    prompt_tokens: int
+    together_ms: float
+    one_by_one_ms: float
+
+
+def bench_prefill_together(
+    model: GlmForCausalLM, size: str, counts: list[int], prompt_tokens: int, vocab: int
+) -> list[PrefillResult]:
+    """The static cache's `prefill_many` against a loop of `prefill` (best of three each);
+    prompt lengths vary by up to a quarter, as real turns do."""
+    device = next(model.parameters()).device
+    stepper = LMStepper(model)
+    gen = torch.Generator().manual_seed(7)
+    results = []
+    for count in counts:
+        sequences = make_sequence_batch(stepper, "static", StaticCacheConfig(max_batch=count))
+        lengths = torch.randint(3 * prompt_tokens // 4, prompt_tokens + 1, (count,), generator=gen)
+        prompts = [
+            (key, torch.randint(0, vocab, (int(n),), generator=gen).tolist())
+            for key, n in enumerate(lengths)
+        ]
+
+        def together(batch=sequences, items=prompts) -> None:
+            batch.prefill_many(items)
+
+        def one_by_one(batch=sequences, items=prompts) -> None:
+            for key, ids in items:
+                batch.prefill(key, ids)
+
+        together()  # warm-up
+        one_by_one()
+        result = PrefillResult(
+            size,
+            count,
+            prompt_tokens,
+            1e3 * best_of(3, device, together),
+            1e3 * best_of(3, device, one_by_one),
+        )
+        results.append(result)
+        print(
+            f"prefill of {count:2d} prompts of <= {prompt_tokens} ids: together "
+            f"{result.together_ms:8.1f} ms, one by one {result.one_by_one_ms:8.1f} ms "
+            f"({result.one_by_one_ms / result.together_ms:.2f}x)",
+            flush=True,
+        )
+        del sequences
+    return results
+
+
 def bench_decode_steps(
     model: GlmForCausalLM,
     size: str,
@@ -307,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batches", default=None, help="sequences per step (tiny 1,4; full 1,4,16)"
     )
+    parser.add_argument(
+        "--prefill-together",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time prompts prefilled together vs. one by one (4 and 16 prompts)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -330,32 +391,35 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batches must be positive")
 
     step_results: list[StepResult] = []
+    prefill_results: list[PrefillResult] = []
     if args.full:
         config = ChatGLMConfig.from_dict(tiny_config_dict(**FULL_SIZES))
         device = torch.device("cuda")
-        prompt, steps = args.prompt or 512, args.steps or 64
+        prompt, steps, size = args.prompt or 512, args.steps or 64, "9B"
         results = bench_random(config, device, modes, prompt, steps)
-        print(format_table(results), flush=True)
-        if decode_steps:
-            model = build_random_lm(config, device, torch.bfloat16)
-            vocab = min(config.padded_vocab_size, 150000)
-            step_results = bench_decode_steps(
-                model, "9B", decode_steps, batches, prompt, steps, vocab
-            )
-            del model
+        vocab = min(config.padded_vocab_size, 150000)
+        dtype = torch.bfloat16
     else:
         results = bench_tiny_checkpoint(modes, args.prompt or 64, args.steps or 32)
-        print(format_table(results), flush=True)
+        config = ChatGLMConfig.from_dict(tiny_config_dict(padded_vocab_size=512))
+        device = torch.device("cpu")
+        prompt, steps, size, vocab = args.prompt or 64, args.steps or 32, "tiny", 500
+        dtype = torch.float32
+    print(format_table(results), flush=True)
+    if decode_steps or args.prefill_together:
+        model = build_random_lm(config, device, dtype)
         if decode_steps:
-            config = ChatGLMConfig.from_dict(tiny_config_dict(padded_vocab_size=512))
-            model = build_random_lm(config, "cpu", torch.float32)
             step_results = bench_decode_steps(
-                model, "tiny", decode_steps, batches, args.prompt or 64, args.steps or 32, 500
+                model, size, decode_steps, batches, prompt, steps, vocab
             )
+        if args.prefill_together:
+            prefill_results = bench_prefill_together(model, size, [4, 16], 256, vocab)
+        del model
     if args.json:
         payload = {
             "lm": [asdict(r) for r in results],
             "decode_steps": [asdict(r) for r in step_results],
+            "prefill_together": [asdict(r) for r in prefill_results],
         }
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
