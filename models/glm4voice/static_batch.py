@@ -44,6 +44,15 @@ from models.lm import LMStepper
 logger = logging.getLogger(__name__)
 
 
+def _doublings(start: int, stop: int) -> list[int]:
+    """start, 2 start, 4 start, ... while below stop, then stop."""
+    values = []
+    while start < stop:
+        values.append(start)
+        start *= 2
+    return [*values, stop]
+
+
 @dataclass(frozen=True)
 class StaticCacheConfig:
     """Shape of the preallocated cache: rows (live sequences) and columns (tokens per row;
@@ -63,12 +72,7 @@ class StaticCacheConfig:
     @property
     def column_spans(self) -> list[int]:
         """Column counts a step attends over: powers of two from min_columns, then max_len."""
-        spans = []
-        span = self.min_columns
-        while span < self.max_len:
-            spans.append(span)
-            span *= 2
-        return [*spans, self.max_len]
+        return _doublings(self.min_columns, self.max_len)
 
     def column_span(self, columns: int) -> int:
         """The smallest span holding `columns` columns."""
@@ -77,12 +81,7 @@ class StaticCacheConfig:
     @property
     def buckets(self) -> list[int]:
         """Batch sizes a step is run at: powers of two below max_batch, then max_batch."""
-        sizes = []
-        size = 1
-        while size < self.max_batch:
-            sizes.append(size)
-            size *= 2
-        return [*sizes, self.max_batch]
+        return _doublings(1, self.max_batch)
 
     def bucket(self, rows: int) -> int:
         """The smallest bucket holding `rows` rows."""
