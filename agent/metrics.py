@@ -4,7 +4,7 @@ Who updates what:
 - sessions: `SESSIONS_ACTIVE`, `SESSIONS_TOTAL` (agent.session); `SESSION_DURATION_SECONDS`,
   `SESSIONS_CLOSED_TOTAL{reason}`, `OFFERS_TOTAL{result}` (signaling)
 - turns: `TURNS_TOTAL{kind}`, `INTERRUPTIONS_TOTAL{reason}` (reason "barge-in" counts barge-ins),
-  `FIRST_AUDIO_SECONDS`, `STOP_LATENCY_SECONDS`, `ENGINE_ERRORS_TOTAL`, `ERRORS_TOTAL{kind}`
+  `DUCKS_TOTAL{outcome}` (provisional barge-ins), `FIRST_AUDIO_SECONDS`, `STOP_LATENCY_SECONDS`, `ENGINE_ERRORS_TOTAL`, `ERRORS_TOTAL{kind}`
 - engines: `MODEL_STEP_SECONDS{stage}` per model step (LM step, decoder block, ...)
 - queues: `QUEUE_DEPTH{queue}` sampled by their owners or at scrape time
 """
@@ -36,6 +36,11 @@ FIRST_AUDIO_SECONDS = Histogram(
     "voice_agent_first_audio_seconds",
     "From the user's actual stop to the first answer audio frame leaving the server",
     buckets=(0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0),
+)
+DUCKS_TOTAL = Counter(
+    "voice_agent_ducks_total",
+    "Provisional barge-ins by outcome (stopped: the answer was then cut, released: it resumed)",
+    ["outcome"],
 )
 STOP_LATENCY_SECONDS = Histogram(
     "voice_agent_stop_latency_seconds",
@@ -100,6 +105,7 @@ __all__ = [
     "ERRORS_TOTAL",
     "FIRST_AUDIO_SECONDS",
     "INTERRUPTIONS_TOTAL",
+    "DUCKS_TOTAL",
     "MODEL_STEP_SECONDS",
     "OFFERS_TOTAL",
     "OUT_OF_MEMORY_MESSAGE",

@@ -23,6 +23,8 @@ MESSAGES: dict[str, tuple[str, dict[str, type | tuple[type, ...]]]] = {
     "transcript": ("server", {"role": str, "text": str, "final": bool}),
     "error": ("server", {"message": str}),
     "flush": ("server", {}),  # drop buffered agent audio now (barge-in)
+    "duck": ("server", {}),  # the user may be barging in: mute agent audio until unduck/flush
+    "unduck": ("server", {}),  # it was not a barge-in: unmute, the answer goes on
     "text": ("client", {"text": str}),
     "interrupt": ("client", {}),
 }

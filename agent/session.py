@@ -13,8 +13,9 @@ so the n-th microphone frame meets the far audio sent `echo_far_delay_ms` before
 canceller's own delay estimator covers the rest of the echo's round trip.
 
 Full duplex: the session keeps listening while the agent speaks. Each clean frame goes to the
-barge-in detector (`audio_dsp.bargein`) before the endpointer, so the answer falls silent in the
-same frame a barge-in is found. While the agent's echo may be in the microphone, the endpointer
+barge-in detector (`audio_dsp.bargein`) before the endpointer, so the answer is ducked (held,
+the client muted) in the frame the first run of speech is found, and falls silent for good in
+the frame a barge-in is confirmed. While the agent's echo may be in the microphone, the endpointer
 counts only frames the detector calls speech. A new call's canceller has not learnt the room:
 if the microphone does hear the agent (`EchoPresence`), speech over the agent is ignored for
 the first `echo_warmup_s` of agent audio; if it plainly does not (the browser cancels its echo,
@@ -248,12 +249,12 @@ class Session:
         detector's stricter view of which frames are speech, so echo never becomes a turn.
         """
         evidence_ms = self.bargein.process(frame, mic)
+        onset_ms = self.bargein.onset_ms
         audible = self._agent_audible()
         if audible and self._echo_warming_up():
             self.bargein.forget_speech()  # afterwards evidence builds up from scratch
-            evidence_ms = 0.0
-        if evidence_ms > 0:
-            await self.turns.on_speech_progress(evidence_ms)
+            evidence_ms = onset_ms = 0.0
+        await self.turns.on_speech_progress(evidence_ms, onset_ms)
         voiced = (self.bargein.last_counted and evidence_ms > 0) if audible else None
         events = self.endpointer.process(frame, voiced)
         if not events and self._listener is not None and self.endpointer.in_speech:

@@ -1,9 +1,14 @@
-"""The agent's outbound audio track: clock-paced, back-pressured, flushable.
+"""The agent's outbound audio track: clock-paced, back-pressured, flushable, holdable.
 
 aiortc pulls frames from `recv()`; the agent pushes audio with `await write(samples)`. Only a few
 20 ms frames are ever queued ahead of the wall clock, so a barge-in (`flush()`) silences the
 output within one or two frames, and `played_samples` tells how much of an answer actually left
 the server. When nothing is queued the track sends silence, keeping the RTP clock running.
+
+`hold()` pauses the audio without losing any (a provisional barge-in, "duck"): silence goes out,
+the queue keeps what was written and the writer waits. `resume(replay_samples)` sends it after
+all, preceded by the last `replay_samples` sent before the hold (the client muted that audio
+while it was still on its way); audio counts as played only once it is sent (again).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ AUDIO_PTIME = 0.020  # seconds of audio per outbound frame
 OUTPUT_SAMPLE_RATE = 48_000
 FRAME_SAMPLES = int(AUDIO_PTIME * OUTPUT_SAMPLE_RATE)  # 960
 TIME_BASE = fractions.Fraction(1, OUTPUT_SAMPLE_RATE)
+
+MAX_REPLAY_FRAMES = 25  # a resume re-sends at most this much audio (0.5 s)
 
 FrameListener = Callable[[np.ndarray, bool], None]
 
@@ -57,6 +64,11 @@ class AgentAudioTrack(MediaStreamTrack):
         self._silence = np.zeros(FRAME_SAMPLES, np.int16)
         self._listeners: list[FrameListener] = []
         self._audio_waiters: list[asyncio.Future[float]] = []
+        self._held_at: int | None = None  # the frame count when hold() began (None: not held)
+        self._frames_sent = 0  # frames sent so far, silence included (the track's clock)
+        # The audio frames sent lately, each with the frame count it left at: a resume replays
+        # the tail of these that was sent shortly before the hold.
+        self._recent: deque[tuple[int, np.ndarray]] = deque(maxlen=MAX_REPLAY_FRAMES)
         self.played_samples = 0  # agent audio samples sent so far (silence not counted)
         self.sample_rate = OUTPUT_SAMPLE_RATE
 
@@ -69,6 +81,11 @@ class AgentAudioTrack(MediaStreamTrack):
     def queued_frames(self) -> int:
         """Frames waiting to be sent."""
         return len(self._queue)
+
+    @property
+    def held(self) -> bool:
+        """True between `hold()` and the `resume()` or `flush()` that ends it."""
+        return self._held_at is not None
 
     def add_frame_listener(self, listener: FrameListener) -> None:
         """Call `listener(frame, is_audio)` for each frame sent (keep it cheap: it runs in recv)."""
@@ -96,12 +113,38 @@ class AgentAudioTrack(MediaStreamTrack):
         await self._empty.wait()
 
     def flush(self) -> None:
-        """Drop everything queued now; pending writers return without queuing more."""
+        """Drop everything queued (or held) now; pending writers return without queuing more."""
         self._generation += 1
         self._queue.clear()
+        self._recent.clear()
+        self._held_at = None
         self._chunker.reset()
         self._room.set()
         self._empty.set()
+
+    def hold(self) -> None:
+        """Send silence from the next frame on, keeping what is queued; writers wait meanwhile."""
+        if self._held_at is None:
+            self._held_at = self._frames_sent
+
+    def resume(self, replay_samples: int = 0) -> int:
+        """End a hold: send the held audio, after re-sending what went out just before the hold.
+
+        Replays the audio frames sent within the last `replay_samples` (rounded up to whole
+        frames) before the hold began; they count as not played until they are sent again.
+        Returns the number of samples replayed.
+        """
+        held_at, self._held_at = self._held_at, None
+        if held_at is None:
+            return 0
+        first = held_at - -(-max(replay_samples, 0) // FRAME_SAMPLES)
+        replay = [frame for sent_at, frame in self._recent if sent_at >= first]
+        self._recent.clear()
+        if replay:
+            self._queue.extendleft(reversed(replay))
+            self.played_samples -= len(replay) * FRAME_SAMPLES
+            self._empty.clear()
+        return len(replay) * FRAME_SAMPLES
 
     def next_audio_sent(self) -> asyncio.Future[float]:
         """A future resolved with the clock time at which the next agent audio frame is sent."""
@@ -152,9 +195,12 @@ class AgentAudioTrack(MediaStreamTrack):
             await asyncio.sleep(wait)
 
     def _next_samples(self) -> tuple[np.ndarray, bool]:
-        if not self._queue:
+        sent_at = self._frames_sent
+        self._frames_sent += 1
+        if not self._queue or self._held_at is not None:
             return self._silence, False
         samples = self._queue.popleft()
+        self._recent.append((sent_at, samples))
         self.played_samples += FRAME_SAMPLES
         self._room.set()
         if not self._queue:

@@ -5,6 +5,11 @@ States: `listening` (waiting for the user), `thinking` (a reply was requested, n
 
 - answers each finished user turn (speech or typed text) with `engine.respond`,
 - streams the reply: transcripts to the client, audio to the output track,
+- ducks the answer on the first sign of the user talking over it (a run of `duck_ms` of
+  consecutive speech): the track holds its audio (sends silence, loses nothing) and the client
+  is told to mute (`duck`). A barge-in confirmed within `duck_release_ms` proceeds as below;
+  otherwise the answer resumes (`unduck`) with the held audio, after re-sending the last
+  `duck_replay_ms` sent before the duck, which the client muted while it was on its way,
 - on barge-in (the user talks over the answer for `barge_in_ms` of speech, as scored by
   `audio_dsp.bargein`) or an `interrupt` message: silences the answer at once (drops queued
   audio, tells the client to `flush`, stops the streaming task), then cancels the reply and keeps
@@ -12,7 +17,8 @@ States: `listening` (waiting for the user), `thinking` (a reply was requested, n
 - if the user starts talking again while the agent is still thinking, drops that reply and later
   answers the earlier and the new speech together as one turn, so nothing said is lost.
 
-Every public handler runs under one lock, so handlers never interleave.
+Every public handler runs under one lock, so handlers never interleave. Ducking and silencing
+change no state that an awaiting handler depends on, so they run at once, without the lock.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from audio_dsp import SpeechEnded, SpeechStarted, StreamResampler
 MAX_RECORDS = 1000
 
 State = Literal["listening", "thinking", "speaking"]
+DuckEvent = Literal["duck", "release", "stop"]
 SendMessage = Callable[[str], None]
 
 
@@ -58,7 +65,10 @@ class AudioOutput(Protocol):
     async def write(self, samples: np.ndarray) -> None: ...
     async def drain(self) -> None: ...
     def flush(self) -> None: ...
+    def hold(self) -> None: ...
+    def resume(self, replay_samples: int = 0) -> int: ...
     def next_audio_sent(self) -> asyncio.Future[float]: ...
+    def add_frame_listener(self, listener: Callable[[np.ndarray, bool], None]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -66,9 +76,24 @@ class TurnConfig:
     """Turn-taking policy."""
 
     # Speech over the agent's answer (within the detector's window) that counts as a barge-in.
-    # `bench/bench_bargein.py`: with AEC3, echo alone never scored over 50 ms in 100 simulated
-    # rooms, while 150 ms catches the user in double talk ~0.2 s after they start (median).
+    # `bench/bench_bargein.py`, AEC3, 100 simulated rooms: echo alone scored at most 100 ms in
+    # the second after the canceller's warm-up (4 s answers); over 7 s (`--echo-seconds 10`)
+    # it reached 150 ms, a false barge-in, in 0-3 rooms of 100 (by set of rooms). 150 ms
+    # catches the user in double talk 0.23 s after they start (median).
     barge_in_ms: float = 150.0
+    # A run of this much consecutive speech over the answer (the detector's `onset_ms`) ducks
+    # it: the audio is held and the client mutes, until the barge-in is confirmed or released.
+    # The same bench: the agent stops 0.16 s after the user starts in double talk (median,
+    # 0.23 s without ducking); echo ducked 0 of 100 four-second answers and 1 of 100 ten-second
+    # ones. 0 = never duck.
+    duck_ms: float = 60.0
+    # A duck not confirmed as a barge-in within this long is released: the answer plays on.
+    # (In the bench's double talk the barge-in followed the duck within 0.26 s, median 0.08 s.)
+    duck_release_ms: float = 400.0
+    # On release, re-send this much of the audio sent just before the duck: the client muted it
+    # while it was still on its way (jitter buffer and playout: ~120 ms for an aiortc client on
+    # loopback, less for a browser; too much repeats a little, too little loses a little).
+    duck_replay_ms: float = 100.0
     # No barge-in for this long after the answer's first audio left (a canceller still adapting
     # to a new echo path may let the first words through); 0 = none.
     barge_in_guard_ms: float = 0.0
@@ -108,6 +133,9 @@ class _ActiveReply:
     resampler: StreamResampler | None = None
     first_sent: asyncio.Future[float] | None = None  # when its first audio frame left
     stopped_played_s: float | None = None  # audio sent when it was silenced (None: not yet)
+    ducked_at: float | None = None  # clock time of the duck in force (None: not ducked)
+    duck_since_s: float = 0.0  # how long the user had been talking when it ducked
+    duck_armed: bool = True  # False after a duck until the speech run that caused it ends
 
     def close_record(self, interrupted: bool) -> None:
         """Copy the engine's stage timings into the record and stop waiting for audio."""
@@ -145,6 +173,9 @@ class TurnManager:
         # Recent turns and state changes, newest last (for logs, metrics and benchmarks).
         self.records: deque[TurnRecord] = deque(maxlen=MAX_RECORDS)
         self.state_log: deque[tuple[float, State]] = deque(maxlen=MAX_RECORDS)
+        # Provisional barge-ins: (clock time, "duck" | "release" | "stop"), newest last.
+        self.duck_log: deque[tuple[float, DuckEvent]] = deque(maxlen=MAX_RECORDS)
+        self.output.add_frame_listener(self._on_frame_sent)
 
     @property
     def state(self) -> State:
@@ -168,25 +199,32 @@ class TurnManager:
                 self._held_audio = active.turn.audio
                 await self._stop_active(keep_history=False, reason="resumed")
 
-    async def on_speech_progress(self, voiced_ms: float) -> None:
-        """`voiced_ms` of user speech heard just now: interrupts the answer on a barge-in.
+    async def on_speech_progress(self, voiced_ms: float, onset_ms: float = 0.0) -> None:
+        """User speech heard just now: ducks the answer, or interrupts it on a barge-in.
 
+        `voiced_ms`: the barge-in evidence (speech within the detector's window); `onset_ms`:
+        the run of consecutive speech frames up to now, which ducks the answer at `duck_ms`.
+        Call it for every frame while the agent may be speaking (0, 0 when nothing was heard).
         The answer falls silent in this call, before waiting for any other handler.
         """
         active = self._active
-        if (
-            self._state != "speaking"
-            or active is None
-            or voiced_ms < self.config.barge_in_ms
-            or self._in_guard(active)
-        ):
+        if self._state != "speaking" or active is None or self._in_guard(active):
+            return
+        if voiced_ms < self.config.barge_in_ms:
+            self._maybe_duck(active, onset_ms)
             return
         if active.stopped_played_s is None:
             self._log.info("barge-in after %.0f ms of speech over the answer", voiced_ms)
-            self.silence(since_s=voiced_ms / 1000)
+            since_s = voiced_ms / 1000 if active.ducked_at is None else active.duck_since_s
+            self.silence(since_s=since_s)
         async with self._lock:
             if self._active is active:
                 await self._stop_active(keep_history=True, reason="barge-in")
+
+    @property
+    def ducked(self) -> bool:
+        """True while the answer in flight is held by a provisional barge-in."""
+        return self._active is not None and self._active.ducked_at is not None
 
     def silence(self, since_s: float = 0.0) -> None:
         """Silence the answer in flight now, without the lock: the barge-in fast path.
@@ -200,6 +238,10 @@ class TurnManager:
             return
         if active.task is not None:
             active.task.cancel()
+        if active.ducked_at is not None:  # the flush below drops the held audio too
+            active.ducked_at = None
+            self.duck_log.append((self._clock(), "stop"))
+            metrics.DUCKS_TOTAL.labels(outcome="stopped").inc()
         if active.audio_start is not None:
             self._flush_output()
             metrics.STOP_LATENCY_SECONDS.observe(since_s)
@@ -318,6 +360,8 @@ class TurnManager:
     def _finish(self, active: _ActiveReply, played_s: float | None, failed: bool) -> None:
         if self._active is not active:
             return
+        if active.ducked_at is not None:  # nothing was left to hold: let the client listen again
+            self._release_duck(active, replay=False)
         self._active = None
         active.close_record(interrupted=False)
         self._remember(active.reply.history(played_s))
@@ -360,6 +404,51 @@ class TurnManager:
     def _flush_output(self) -> None:
         self.output.flush()
         self._send(encode("flush"))
+
+    # -- ducking --------------------------------------------------------------------------------
+
+    def _maybe_duck(self, active: _ActiveReply, onset_ms: float) -> None:
+        if onset_ms <= 0:
+            active.duck_armed = True
+            return
+        duck_ms = self.config.duck_ms
+        if (
+            duck_ms <= 0
+            or onset_ms < duck_ms
+            or not active.duck_armed
+            or active.ducked_at is not None
+            or active.audio_start is None
+            or active.stopped_played_s is not None
+        ):
+            return
+        active.ducked_at = self._clock()
+        active.duck_since_s = onset_ms / 1000
+        active.duck_armed = False
+        self.output.hold()
+        self.duck_log.append((active.ducked_at, "duck"))
+        self._send(encode("duck"))
+        self._log.info("ducked after %.0f ms of speech over the answer", onset_ms)
+
+    def _on_frame_sent(self, _frame: np.ndarray, _is_audio: bool) -> None:
+        """Every outbound frame (the track's clock): releases a duck that went unconfirmed."""
+        active = self._active
+        if active is None or active.ducked_at is None:
+            return
+        if self._clock() - active.ducked_at >= self.config.duck_release_ms / 1000:
+            self._release_duck(active, replay=True)
+
+    def _release_duck(self, active: _ActiveReply, replay: bool) -> None:
+        active.ducked_at = None
+        replay_samples = 0
+        if replay and active.audio_start is not None:
+            wanted = round(self.config.duck_replay_ms / 1000 * self.output.sample_rate)
+            replay_samples = min(wanted, self.output.played_samples - active.audio_start)
+        replayed = self.output.resume(replay_samples)
+        self.duck_log.append((self._clock(), "release"))
+        self._send(encode("unduck"))
+        metrics.DUCKS_TOTAL.labels(outcome="released").inc()
+        replayed_ms = 1000 * replayed / self.output.sample_rate
+        self._log.info("duck released (no barge-in): replaying %.0f ms", replayed_ms)
 
     def _in_guard(self, active: _ActiveReply) -> bool:
         """True during the warm-up guard that follows the answer's first audio."""
@@ -406,4 +495,4 @@ def _error_text(exc: Exception) -> str:
     return "the agent could not answer that turn"
 
 
-__all__ = ["AudioOutput", "State", "TurnConfig", "TurnManager", "TurnRecord"]
+__all__ = ["AudioOutput", "DuckEvent", "State", "TurnConfig", "TurnManager", "TurnRecord"]

@@ -1,21 +1,29 @@
 """Barge-in: false interruptions from echo, detection in double talk, and stop latency.
 
-    python -m bench.bench_bargein                     # ~2 min on one core
+    python -m bench.bench_bargein                     # ~2.5 min on one core
     python -m bench.bench_bargein --trials 30 --webrtc-trials 5
+    python -m bench.bench_bargein --echo-seconds 10 --double-talk-trials 0 --webrtc-trials 0
 
 1. Echo only (virtual time, `tests/test_barge_in.SimulatedCall`): the agent answers with 4 s of
-   eSpeak NG speech (varied texts and voices) that comes back through a random simulated room
-   (echo -14..0 dB, room delay 10-200 ms, reverberation 0-120 ms, a distorting loudspeaker in
-   a quarter of the rooms, 40-150 ms of network on top). Counted: trials with a false barge-in,
-   and trials where the echo became a user turn, with the canceller on (`auto`) and off.
+   eSpeak NG speech (varied texts and voices; `--echo-seconds`) that comes back through a random
+   simulated room (echo -14..0 dB, room delay 10-200 ms, reverberation 0-120 ms, a distorting
+   loudspeaker in a quarter of the rooms, 40-150 ms of network on top). Counted: trials with a
+   false barge-in, with a false duck (a provisional barge-in, released later), and trials where
+   the echo became a user turn, with the canceller on (`auto`) and off. The canceller's 3 s
+   warm-up holds barge-in (and ducking) off for the first 3 s of each answer.
 2. Double talk (virtual time): the user cuts in 3.2-5 s into the call's first answer, after
    the canceller's 3 s warm-up (varied utterances, -6..0 dB); detection delay = user speech
-   onset -> barge-in, server stop = onset -> the agent's last audio frame sent. "clean" = no
-   echo and no canceller (the detector alone).
+   onset -> barge-in confirmed, server stop = onset -> the agent's last audio frame sent (the
+   duck, when one came first); "released" = trials where a duck was released although the
+   user went on talking. "clean" = no echo and no canceller (the detector alone).
 3. Over WebRTC on loopback (real time, aiortc client, echo at -12 dB at the client): onset at
-   the client -> last agent frame sent by the server, and -> last agent frame with energy
-   received by the client (after one warm-up answer for the canceller); "stale" = agent frames received more than 250 ms after the server
-   sent its last one (audio that outlived the flush).
+   the client -> last agent frame sent by the server, -> last agent frame with energy received
+   by the client, and -> last such frame the browser client would have played (it mutes the
+   agent on `duck` and `flush`: `Call.muted_spans`), after one warm-up answer for the
+   canceller. "stopped" = trials where the server stopped within 1 s of the onset, not before
+   it; "quiet" = trials where the agent was in a pause at the client from the onset until it
+   stopped (no client figure); "stale" = agent frames received more than 250 ms after the
+   server sent its last one (audio that outlived the flush).
 """
 
 from __future__ import annotations
@@ -66,6 +74,8 @@ USER_LINES = [
 VOICES = [("en-us", 50), ("en-gb", 40), ("en-us+f3", 70), ("en-us+m3", 30)]
 ONSET_THRESHOLD = 0.01
 
+_log = logging.getLogger("bench.bargein")
+
 
 def random_path(rng: np.random.Generator) -> tuple[echo_sim.EchoPath, float]:
     """A random room and network delay (ms)."""
@@ -91,29 +101,33 @@ def agent_audio(rng: np.random.Generator, seconds: float) -> np.ndarray:
 class EchoResult:
     trials: int = 0
     false_barge_ins: int = 0
+    false_ducks: int = 0
     false_turns: int = 0
 
 
-async def echo_trial(seed: int, canceller: str) -> tuple[bool, bool]:
+async def echo_trial(seed: int, canceller: str, seconds: float = 4.0) -> tuple[bool, bool, bool]:
+    """(barged in, ducked, made a turn) on the agent's own echo alone."""
     rng = np.random.default_rng(seed)
     path, network_ms = random_path(rng)
     call = SimulatedCall.start(
-        agent_audio(rng, 4.0), path, echo_canceller=canceller, network_delay_ms=network_ms
+        agent_audio(rng, seconds), path, echo_canceller=canceller, network_delay_ms=network_ms
     )
     await call.session.turns.on_user_text("talk to me")
-    await call.run_until(4.8)
-    result = call.interruptions() > 0, len(call.engine.calls) > 1
+    await call.run_until(seconds + 0.8)
+    ducked = any(event == "duck" for _, event in call.session.turns.duck_log)
+    result = call.interruptions() > 0, ducked, len(call.engine.calls) > 1
     await call.close()
     return result
 
 
-async def echo_only(trials: int) -> dict[str, EchoResult]:
+async def echo_only(trials: int, seconds: float = 4.0) -> dict[str, EchoResult]:
     results = {name: EchoResult() for name in ("auto", "none")}
     for seed in range(trials):
         for name, result in results.items():
-            barged, turned = await echo_trial(seed, name)
+            barged, ducked, turned = await echo_trial(seed, name, seconds)
             result.trials += 1
             result.false_barge_ins += barged
+            result.false_ducks += ducked
             result.false_turns += turned
     return results
 
@@ -126,9 +140,11 @@ class DetectResult:
     delays: list[float] = field(default_factory=list)  # onset -> barge-in
     stops: list[float] = field(default_factory=list)  # onset -> last agent frame sent
     missed: int = 0
+    released: int = 0  # ducks released while the user was talking
 
 
-async def double_talk_trial(seed: int, clean: bool) -> tuple[float, float] | None:
+async def double_talk_trial(seed: int, clean: bool) -> tuple[float, float, bool] | None:
+    """(onset -> barge-in, onset -> last agent frame sent, a duck was released), or None."""
     rng = np.random.default_rng(1000 + seed)
     path, network_ms = random_path(rng)
     voice, pitch = VOICES[int(rng.integers(len(VOICES)))]
@@ -147,10 +163,11 @@ async def double_talk_trial(seed: int, clean: bool) -> tuple[float, float] | Non
     await call.run_until(onset + 1.5)
     barge = next((t for t, s in call.state_times()[3:4] if s == "listening"), None)
     last_sent = call.last_audio_sent()
+    released = any(e == "release" and t > onset for t, e in call.session.turns.duck_log)
     await call.close()
     if barge is None or barge < onset or last_sent is None:
         return None
-    return barge - onset, last_sent + STEP_S - onset
+    return barge - onset, last_sent + STEP_S - onset, released
 
 
 async def double_talk(trials: int) -> dict[str, DetectResult]:
@@ -163,6 +180,7 @@ async def double_talk(trials: int) -> dict[str, DetectResult]:
             else:
                 result.delays.append(found[0])
                 result.stops.append(found[1])
+                result.released += found[2]
     return results
 
 
@@ -181,10 +199,19 @@ class BenchEngine(SpeakingEngine):
 
 @dataclass
 class WebRtcResult:
+    trials: int = 0
     server_stop: list[float] = field(default_factory=list)
-    client_stop: list[float] = field(default_factory=list)
+    client_stop: list[float] = field(default_factory=list)  # received
+    played_stop: list[float] = field(default_factory=list)  # played by the browser client
     stale_frames: int = 0
-    missed: int = 0
+    quiet: int = 0  # the agent was in a pause at the client from the onset on
+    early: int = 0  # the server stopped before the onset (echo or a glitch)
+    late: int = 0  # the server had not stopped 1 s after the onset
+    released: int = 0  # ducks released although the user was talking
+
+    @property
+    def stopped(self) -> int:
+        return self.trials - self.early - self.late
 
 
 async def webrtc_trials(trials: int) -> WebRtcResult:
@@ -231,13 +258,26 @@ async def _one_webrtc_trial(call, session, sent, rng, trial: int, result: WebRtc
     await wait_until(lambda: len(call.mic.onsets) == trial + 1, within=3)
     onset = call.mic.onsets[-1]
     await asyncio.sleep(1.2)
+    result.trials += 1
+    log = session.turns.duck_log
+    result.released += any(e == "release" and onset < t < onset + 1.2 for t, e in log)
     server_last = max((t for t, audio in sent if audio and t < onset + 1.2), default=None)
-    client_last = call.last_audio(onset, onset + 1.2, ENERGY)
-    if server_last is None or client_last is None or server_last < onset:
-        result.missed += 1
+    if server_last is None or server_last < onset:
+        result.early += 1
+        _log.warning("trial %d: the agent stopped before the user spoke", trial)
+    elif server_last >= onset + 1.0:
+        result.late += 1
+        _log.warning("trial %d: the agent did not stop within 1 s", trial)
     else:
         result.server_stop.append(server_last + STEP_S - onset)
-        result.client_stop.append(client_last - onset)
+        client_last = call.last_audio(onset, onset + 1.2, ENERGY)
+        played_last = call.last_audio(onset, onset + 1.2, ENERGY, played=True)
+        if client_last is None:
+            result.quiet += 1
+        else:
+            result.client_stop.append(client_last - onset)
+        if played_last is not None:
+            result.played_stop.append(played_last - onset)
         late = (f for t, f in call.audio if server_last + 0.25 < t < onset + 1.2)
         result.stale_frames += sum(1 for f in late if np.abs(f).max() > ENERGY)
     # the cut-in becomes a (silently answered) turn of its own before the next trial starts
@@ -253,41 +293,51 @@ def pct(values: list[float], q: float) -> str:
     return f"{1000 * float(np.percentile(values, q)):.0f}" if values else "-"
 
 
-def print_echo(results: dict[str, EchoResult]) -> None:
-    print("\n1. Echo only: trials with a false barge-in / with the echo taken as a user turn")
-    print("| canceller | trials | false barge-ins | false turns |")
-    print("|---|---|---|---|")
+def print_echo(results: dict[str, EchoResult], seconds: float) -> None:
+    print(f"\n1. Echo only ({seconds:g} s answers): trials with a false barge-in / a false duck")
+    print("   / the echo taken as a user turn")
+    print("| canceller | trials | false barge-ins | false ducks | false turns |")
+    print("|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r.trials} | {r.false_barge_ins} | {r.false_turns} |")
+        print(f"| {name} | {r.trials} | {r.false_barge_ins} | {r.false_ducks} | {r.false_turns} |")
 
 
 def print_double_talk(results: dict[str, DetectResult]) -> None:
     print("\n2. Double talk: user onset -> barge-in, and -> last agent frame sent (ms)")
-    print("| scene | detected | detect p50 | detect p90 | server stop p50 | server stop p90 |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| scene | detected | detect p50 | detect p90 | server stop p50 | server stop p90 "
+        "| released |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         n = len(r.delays) + r.missed
         print(
             f"| {name} | {len(r.delays)}/{n} | {pct(r.delays, 50)} | {pct(r.delays, 90)} "
-            f"| {pct(r.stops, 50)} | {pct(r.stops, 90)} |"
+            f"| {pct(r.stops, 50)} | {pct(r.stops, 90)} | {r.released} |"
         )
 
 
 def print_webrtc(r: WebRtcResult) -> None:
-    n = len(r.client_stop) + r.missed
     print("\n3. WebRTC loopback (aiortc client, echo -12 dB): user onset at the client -> (ms)")
-    print("| trials | stopped | server last frame p50 | p90 | client silence p50 | p90 | stale |")
-    print("|---|---|---|---|---|---|---|")
     print(
-        f"| {n} | {len(r.client_stop)} | {pct(r.server_stop, 50)} | {pct(r.server_stop, 90)} "
-        f"| {pct(r.client_stop, 50)} | {pct(r.client_stop, 90)} | {r.stale_frames} |"
+        "| trials | stopped | server last frame p50 | p90 | client received silence p50 | p90 "
+        "| client played silence p50 | p90 | stale | quiet | released |"
     )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {r.trials} | {r.stopped} | {pct(r.server_stop, 50)} | {pct(r.server_stop, 90)} "
+        f"| {pct(r.client_stop, 50)} | {pct(r.client_stop, 90)} "
+        f"| {pct(r.played_stop, 50)} | {pct(r.played_stop, 90)} "
+        f"| {r.stale_frames} | {r.quiet} | {r.released} |"
+    )
+    if r.early or r.late:
+        print(f"(not stopped: {r.early} before the onset, {r.late} not within 1 s)")
 
 
 async def run(args: argparse.Namespace) -> None:
     start = time.monotonic()
     if args.trials:
-        print_echo(await echo_only(args.trials))
+        print_echo(await echo_only(args.trials, args.echo_seconds), args.echo_seconds)
     if args.double_talk_trials:
         print_double_talk(await double_talk(args.double_talk_trials))
     if args.webrtc_trials:
@@ -299,10 +349,14 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=100, help="echo-only trials per setting")
+    parser.add_argument(
+        "--echo-seconds", type=float, default=4.0, help="length of the echo-only answers"
+    )
     parser.add_argument("--double-talk-trials", type=int, default=40)
     parser.add_argument("--webrtc-trials", type=int, default=10)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    _log.setLevel(logging.WARNING)  # why a WebRTC trial did not stop
     asyncio.run(run(args))
 
 

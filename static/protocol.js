@@ -21,6 +21,8 @@ export const PROTOCOL = Object.freeze(
       },
       "error": { "direction": "server", "fields": { "message": "string" } },
       "flush": { "direction": "server", "fields": {} },
+      "duck": { "direction": "server", "fields": {} },
+      "unduck": { "direction": "server", "fields": {} },
       "text": { "direction": "client", "fields": { "text": "string" } },
       "interrupt": { "direction": "client", "fields": {} }
     }

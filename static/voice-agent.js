@@ -34,6 +34,9 @@ const LEVEL_FLOOR_DB = -60; // RMS at or below this reads as level 0
 // After a `flush` the agent's audio element stays muted this long: enough for the receive
 // jitter buffer to drain the audio the server had already sent before it stopped.
 const FLUSH_MUTE_MS = 300;
+// A `duck` mutes the agent until the server says `unduck` or `flush` (within half a second);
+// should neither come, the sound comes back after this long anyway.
+const DUCK_MUTE_MAX_MS = 3000;
 
 /**
  * A conversation with the voice agent.
@@ -46,6 +49,8 @@ const FLUSH_MUTE_MS = 300;
  * - `error` {message}: something went wrong, in words a person can act on
  * - `level` {level, agentLevel}: microphone and agent loudness, each 0..1, about 20 times a second
  * - `flush` {}: the agent was interrupted; its buffered audio was dropped
+ * - `duck` {}: the user may be talking over the agent; its audio is muted meanwhile
+ * - `unduck` {}: it was not an interruption; the agent's audio plays again
  */
 export class VoiceAgent extends EventTarget {
   #url;
@@ -60,7 +65,7 @@ export class VoiceAgent extends EventTarget {
   #attempt = 0; // bumped by each connect()/disconnect(): a stale connect() stops at its next step
   #session = null; // {pc, channel, mic, context, meters, levelTimer, connectTimer, ready, up}
   #remoteStream = null;
-  #flush = null; // {timer, wasMuted} while the agent audio is muted after a flush
+  #silenced = null; // {timer, wasMuted} while the agent audio is muted (duck, flush)
 
   /**
    * @param {object} [options]
@@ -297,6 +302,8 @@ export class VoiceAgent extends EventTarget {
     const { type, ...detail } = message;
     if (type === "state") this.#state = detail.state;
     if (type === "flush") this.#dropAgentAudio();
+    if (type === "duck") this.#muteAgent(DUCK_MUTE_MAX_MS);
+    if (type === "unduck") this.#unmuteAgent();
     if (type === "error") {
       this.#emitError(detail.message);
       return;
@@ -314,13 +321,23 @@ export class VoiceAgent extends EventTarget {
 
   #dropAgentAudio() {
     // WebRTC gives no way to empty the receive jitter buffer, so play it out muted instead.
-    if (this.#flush) clearTimeout(this.#flush.timer);
-    else this.#flush = { wasMuted: this.#audio.muted };
+    this.#muteAgent(FLUSH_MUTE_MS);
+  }
+
+  /** Mute the agent's audio now, for `ms` at most (a later call replaces the deadline). */
+  #muteAgent(ms) {
+    if (this.#silenced) clearTimeout(this.#silenced.timer);
+    else this.#silenced = { wasMuted: this.#audio.muted };
     this.#audio.muted = true;
-    this.#flush.timer = setTimeout(() => {
-      this.#audio.muted = this.#flush.wasMuted;
-      this.#flush = null;
-    }, FLUSH_MUTE_MS);
+    this.#silenced.timer = setTimeout(() => this.#unmuteAgent(), ms);
+  }
+
+  /** Give the agent's audio its sound back (as muted as it was before), if it was muted. */
+  #unmuteAgent() {
+    if (!this.#silenced) return;
+    clearTimeout(this.#silenced.timer);
+    this.#audio.muted = this.#silenced.wasMuted;
+    this.#silenced = null;
   }
 
   // --- levels -------------------------------------------------------------------------------
@@ -360,11 +377,7 @@ export class VoiceAgent extends EventTarget {
     release(session);
     if (this.#session !== session) return;
     this.#session = null;
-    if (this.#flush) {
-      clearTimeout(this.#flush.timer);
-      this.#audio.muted = this.#flush.wasMuted;
-      this.#flush = null;
-    }
+    this.#unmuteAgent();
     this.#audio.srcObject = null;
     this.#remoteStream = null;
     this.#state = null;

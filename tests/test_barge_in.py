@@ -385,6 +385,9 @@ async def test_user_cutting_in_at_4s_silences_the_agent_and_history_keeps_what_w
     # 150 ms of speech found in double talk; 0.7 s into the call's first answer AEC3 is still
     # converging and holds the user's first syllables down (later it takes ~0.2 s: see below)
     assert 4.0 + 0.15 <= t_barge <= 4.0 + 0.7
+    # the converging canceller takes over 14 dB (`onset_max_removed_db`) off those syllables,
+    # so no run of them ducked the answer first: the barge-in stops it
+    assert call.messages("duck") == []
     # the agent's audio stops with the frame that was already on its way
     assert call.last_audio_sent(before=t_think2) == pytest.approx(t_barge - STEP_S, abs=1e-6)
     assert call.audio_frames_sent(t_barge, t_think2) == 0
@@ -427,15 +430,89 @@ async def agent_answers_a_typed_turn(call: SimulatedCall, seconds: float) -> Non
 
 @needs_aec3
 @pytest.mark.parametrize("path", ECHO_PATHS)
-async def test_the_agents_own_echo_never_barges_in_with_the_canceller_on(
+async def test_the_agents_own_echo_never_barges_in_nor_ducks_with_the_canceller_on(
     agent_speech: np.ndarray, path: echo_sim.EchoPath
 ) -> None:
     call = SimulatedCall.start(agent_speech, path)
     await agent_answers_a_typed_turn(call, 6.5)
     assert call.interruptions() == 0
+    assert not call.session.turns.duck_log  # nor ducks it
     assert not call.session.turns.history[1].interrupted  # the whole answer was played
     assert call.audio_frames_sent() == pytest.approx(5.0 / STEP_S, abs=2)
     assert len(call.engine.calls) == 1  # and its echo tail did not become a user turn
+    await call.close()
+
+
+@needs_aec3
+async def test_a_duck_confirmed_by_the_barge_in_stops_the_answer_at_the_duck(
+    agent_speech: np.ndarray, user_speech: np.ndarray
+) -> None:
+    """Echo as loud as the user: the first 60 ms run of the user's speech ducks the answer
+    (held, the client told to mute) before the barge-in is confirmed; the confirmed barge-in
+    drops the held audio, and the history ends where the audio stopped: at the duck."""
+    call = SimulatedCall.start(agent_speech, echo_sim.delay_path(1.0))
+    call.say(user_speech, at_s=3.5)  # after the canceller's warm-up
+    await agent_answers_a_typed_turn(call, 4.5)
+    ducks = list(call.session.turns.duck_log)
+    assert [e for _, e in ducks] == ["duck", "stop"]
+    (t_duck, _), (t_stop, _) = ducks
+    _, _, (t_speak, _), (t_barge, _) = call.state_times()
+    assert t_stop == t_barge
+    assert 3.5 + 0.06 <= t_duck <= t_barge - 0.1 <= 3.5 + 0.8
+    assert call.last_audio_sent() == pytest.approx(t_duck - STEP_S, abs=1e-6)
+    assert call.audio_frames_sent(t_duck) == 0  # nothing held went out
+    assert len(call.messages("duck")) == len(call.messages("flush")) == 1
+    assert call.messages("unduck") == []
+    reply = call.engine.replies[0]
+    played = call.audio_frames_sent(0, t_duck) * STEP_S
+    assert reply.cancelled and reply.played_s == [pytest.approx(played)]
+    assert played == pytest.approx(t_duck - t_speak, abs=0.03)
+    assert call.session.turns.history[1].interrupted
+    await call.close()
+
+
+def record_sent_frames(call: SimulatedCall) -> list[np.ndarray]:
+    """Every agent audio frame the call's track sends from now on (48 kHz int16 [960])."""
+    sent: list[np.ndarray] = []
+    call.session.output_track.add_frame_listener(
+        lambda frame, is_audio: sent.append(frame.copy()) if is_audio else None
+    )
+    return sent
+
+
+async def test_a_short_sound_over_the_answer_ducks_it_then_it_resumes_with_nothing_lost(
+    agent_speech: np.ndarray, user_speech: np.ndarray
+) -> None:
+    """A 90 ms "eh" is a run of speech (it ducks the answer) but never a barge-in: after
+    `duck_release_ms` the answer resumes with the 100 ms sent just before the duck (the client
+    muted it on its way), then the held audio. Every frame is sent, in order, and the history
+    keeps the whole answer."""
+    reference = SimulatedCall.start(agent_speech, echo_canceller="none")
+    expected = record_sent_frames(reference)
+    await agent_answers_a_typed_turn(reference, 6.0)
+    await reference.close()
+
+    call = SimulatedCall.start(agent_speech, echo_canceller="none")
+    sent = record_sent_frames(call)
+    call.say(user_speech[: int(0.09 * RATE)], at_s=2.0)
+    await agent_answers_a_typed_turn(call, 6.0)
+    ducks = list(call.session.turns.duck_log)
+    assert [e for _, e in ducks] == ["duck", "release"]
+    (t_duck, _), (t_release, _) = ducks
+    assert 2.06 <= t_duck <= 2.15
+    assert t_release - t_duck == pytest.approx(0.4, abs=STEP_S + 1e-9)
+    assert call.audio_frames_sent(t_duck, t_release) == 0  # silence while ducked
+    assert len(call.messages("duck")) == len(call.messages("unduck")) == 1
+    assert call.messages("flush") == [] and call.interruptions() == 0
+    # the same frames as without the sound, the 5 before the duck twice
+    k = call.audio_frames_sent(0, t_duck)
+    replayed = expected[:k] + expected[k - 5 : k] + expected[k:]
+    assert len(sent) == len(replayed)
+    assert all(np.array_equal(a, b) for a, b in zip(sent, replayed, strict=True))
+    reply = call.engine.replies[0]
+    assert not reply.cancelled and reply.played_s == [None]
+    assert not call.session.turns.history[1].interrupted
+    assert call.session.output_track.played_samples == len(expected) * 960
     await call.close()
 
 
@@ -601,6 +678,40 @@ def test_detector_finds_speech_within_two_tenths_of_a_second(user_speech: np.nda
     first = int(np.argmax(evidence >= TurnConfig().barge_in_ms))
     assert evidence[:onset].max() == 0
     assert 0.10 <= (first - onset) / 100 <= 0.25
+
+
+def onset_over(x: np.ndarray, mic: np.ndarray | None = None) -> np.ndarray:
+    """The detector's `onset_ms` run after each 10 ms frame of `x`."""
+    detector = BargeInDetector()
+    raw = echo_sim.frames(mic) if mic is not None else [None] * len(echo_sim.frames(x))
+    runs = []
+    for f, m in zip(echo_sim.frames(x), raw, strict=True):
+        detector.process(f, m)
+        runs.append(detector.onset_ms)
+    return np.array(runs)
+
+
+def test_detector_onset_run_reaches_a_duck_early_in_speech(user_speech: np.ndarray) -> None:
+    runs = onset_over(np.concatenate([np.zeros(RATE // 2, np.float32), user_speech]))
+    onset = int(np.argmax(np.abs(user_speech) > 0.01)) // 160 + 50
+    first = int(np.argmax(runs >= TurnConfig().duck_ms))
+    assert runs[:onset].max() == 0
+    assert 0.05 <= (first - onset) / 100 <= 0.15  # well before the barge-in (0.10-0.25 s)
+
+
+def test_detector_onset_run_of_a_click_never_reaches_a_duck() -> None:
+    """A click dies away by several dB a frame: each frame far below the run's loudest starts a
+    new run (`onset_max_drop_db`), so its run stays short even where the VAD calls it speech."""
+    silence = np.zeros(RATE // 2, np.float32)
+    x = np.concatenate([silence, click(), silence, click(seed=5), silence, click(seed=9)])
+    assert onset_over(x).max() < TurnConfig().duck_ms
+
+
+def test_detector_onset_run_ignores_frames_the_canceller_took_much_from(
+    user_speech: np.ndarray,
+) -> None:
+    assert onset_over(0.15 * user_speech, mic=user_speech).max() == 0  # 16.5 dB removed
+    assert onset_over(0.5 * user_speech, mic=user_speech).max() >= 200  # 6 dB removed
 
 
 def test_detector_never_scores_a_click_as_a_barge_in() -> None:

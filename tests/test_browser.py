@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from agent.engine import Engine
+from signaling import REGISTRY_KEY
 from signaling.app import create_app
 from signaling.auth import AuthConfig
 from signaling.config import ServerConfig
@@ -63,6 +64,10 @@ RECORDER_JS = """
     seen.flushes += 1;
     seen.mutedOnFlush = agent.audioElement.muted;
   });
+  seen.ducks = [];  // [event, whether the agent's audio was muted right after it]
+  for (const type of ["duck", "unduck"]) {
+    agent.addEventListener(type, () => seen.ducks.push([type, agent.audioElement.muted]));
+  }
   agent.addEventListener("level", (e) => {
     seen.micLevelMax = Math.max(seen.micLevelMax, e.detail.level);
     seen.agentLevelMax = Math.max(seen.agentLevelMax, e.detail.agentLevel);
@@ -452,6 +457,31 @@ async def test_interrupt_button_silences_the_agent_and_cuts_its_transcript(
     await demo.page.wait_for_timeout(1_000)
     after = (await demo.page.evaluate(AGENT_AUDIO_JS))["energy"]
     assert after - before < 1e-3, (before, after)
+    assert not await demo.page.evaluate("window.voiceAgent.audioElement.muted")
+    assert demo.problems == []
+    await demo.hang_up()
+
+
+async def test_a_duck_mutes_the_agent_and_unduck_lets_the_whole_answer_play_on(
+    launch, agent_server, silence_wav
+):
+    script = Script(text="one two three four five six seven eight nine ten", audio_s=4.0)
+    server = await agent_server(FakeEngine(script))
+    demo = await DemoPage.open(await launch(silence_wav), server.url)
+    await demo.connect()
+
+    await demo.page.fill("#text-input", "count to ten")
+    await demo.page.click("#send")
+    await demo.page.wait_for_function("window.voiceAgent.state === 'speaking'", timeout=20_000)
+    await demo.page.wait_for_function("window.seen.agentLevelMax > 0.05", timeout=10_000)
+    (conn,) = server.runner.app[REGISTRY_KEY].connections()
+    await conn.session.turns.on_speech_progress(0.0, 100.0)  # a run of speech, never confirmed
+
+    await demo.page.wait_for_function("window.seen.ducks.length === 2", timeout=5_000)
+    assert (await demo.seen())["ducks"] == [["duck", True], ["unduck", False]]
+    answer = await demo.wait_for_final("assistant", timeout_ms=10_000)
+    assert answer == script.text  # the answer was held, not cut
+    assert (await demo.seen())["flushes"] == 0
     assert not await demo.page.evaluate("window.voiceAgent.audioElement.muted")
     assert demo.problems == []
     await demo.hang_up()

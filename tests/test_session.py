@@ -99,6 +99,64 @@ async def test_frame_listeners_see_every_frame_sent_with_its_kind() -> None:
     track.stop()
 
 
+def numbered_frames(count: int) -> np.ndarray:
+    """`count` 20 ms frames of float32 audio, frame i holding the constant (i + 1) / 100."""
+    return np.concatenate([np.full(FRAME_SAMPLES, (i + 1) / 100, np.float32) for i in range(count)])
+
+
+def frame_numbers(frames: list[AudioFrame]) -> list[int]:
+    """Which numbered frame each sent frame carries (0 = silence)."""
+    return [round(int(f.to_ndarray()[0, 0]) / 32767 * 100) for f in frames]
+
+
+async def test_a_held_track_sends_silence_keeps_its_audio_and_the_writer_waits() -> None:
+    track = AgentAudioTrack(max_queued_frames=3)
+    writer = asyncio.create_task(track.write(numbered_frames(10)))
+    await asyncio.sleep(0.01)  # the first frames are queued
+    sent = [await track.recv() for _ in range(4)]
+    track.hold()
+    assert track.held
+    held = [await track.recv() for _ in range(3)]
+    assert frame_numbers(sent) == [1, 2, 3, 4]
+    assert frame_numbers(held) == [0, 0, 0]
+    assert track.played_samples == 4 * FRAME_SAMPLES  # silence sent while held is not played
+    assert track.queued_frames == 3 and not writer.done()
+    track.stop()
+    await asyncio.wait_for(writer, 0.5)
+
+
+async def test_resume_resends_the_audio_sent_just_before_the_hold_then_the_held_audio() -> None:
+    track = AgentAudioTrack(max_queued_frames=3)
+    writer = asyncio.create_task(track.write(numbered_frames(10)))
+    await asyncio.sleep(0.01)  # the first frames are queued
+    sent = [await track.recv() for _ in range(4)]
+    track.hold()
+    held = [await track.recv() for _ in range(2)]
+    assert track.resume(replay_samples=2 * FRAME_SAMPLES) == 2 * FRAME_SAMPLES
+    assert not track.held
+    assert track.played_samples == 2 * FRAME_SAMPLES  # the replayed frames count once sent
+    after = [await track.recv() for _ in range(9)]
+    await asyncio.wait_for(writer, 0.5)
+    assert frame_numbers(sent + held + after) == [1, 2, 3, 4, 0, 0, 3, 4, 5, 6, 7, 8, 9, 10, 0]
+    assert track.played_samples == 10 * FRAME_SAMPLES
+    track.stop()
+
+
+async def test_flush_ends_a_hold_and_drops_the_held_audio() -> None:
+    track = AgentAudioTrack(max_queued_frames=3)
+    writer = asyncio.create_task(track.write(numbered_frames(10)))
+    await asyncio.sleep(0.01)
+    await track.recv()
+    track.hold()
+    track.flush()
+    await asyncio.wait_for(writer, 0.5)
+    assert not track.held and track.queued_frames == 0
+    assert track.resume(replay_samples=FRAME_SAMPLES) == 0  # nothing held, nothing to replay
+    await track.write(numbered_frames(1))
+    assert frame_numbers([await track.recv()]) == [1]  # the next answer plays at once
+    track.stop()
+
+
 async def test_stopping_the_track_releases_a_blocked_writer() -> None:
     track = AgentAudioTrack(max_queued_frames=1)
     writer = asyncio.create_task(track.write(tone(0.5, OUTPUT_SAMPLE_RATE)))
@@ -229,6 +287,79 @@ async def test_barge_in_needs_enough_voiced_speech_over_the_answer() -> None:
     await h.turns.on_speech_ended(speech_end(0.8), user_stop=time.monotonic())
     assert len(h.engine.calls) == 2
     assert [i.role for i in h.engine.calls[1][1]] == ["user", "assistant"]
+    await h.close()
+
+
+async def test_a_duck_holds_the_answer_and_a_confirmed_barge_in_keeps_history_to_the_duck() -> None:
+    h = Harness(Script(audio_s=3.0, text="a b c d e f g h i j"))
+    await h.turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
+    await h.wait_state("speaking")
+    await asyncio.sleep(0.5)
+    await h.turns.on_speech_progress(30.0, 50.0)  # a run shorter than duck_ms: nothing yet
+    assert not h.of_type("duck")
+    await h.turns.on_speech_progress(40.0, 60.0)
+    assert h.turns.ducked and h.track.held and len(h.of_type("duck")) == 1
+    played_at_duck, frames_at_duck = h.track.played_samples, len(h.pump.frames)
+    await asyncio.sleep(0.2)
+    assert not any(np.abs(f).max() for f in h.pump.frames[frames_at_duck:])  # silent meanwhile
+    assert h.track.played_samples == played_at_duck
+    await h.turns.on_speech_progress(150.0, 0.0)  # confirmed
+    assert h.turns.state == "listening" and not h.turns.ducked
+    assert len(h.of_type("flush")) == 1 and not h.of_type("unduck")
+    reply = h.engine.replies[0]
+    assert reply.cancelled
+    assert reply.played_s == [pytest.approx(played_at_duck / OUTPUT_SAMPLE_RATE)]
+    assert h.turns.history[1].interrupted
+    assert [e for _, e in h.turns.duck_log] == ["duck", "stop"]
+    await h.close()
+
+
+async def test_an_unconfirmed_duck_is_released_and_the_whole_answer_is_played() -> None:
+    config = TurnConfig(duck_release_ms=200, duck_replay_ms=100)
+    h = Harness(Script(audio_s=1.5, text="a b c d e f"), config)
+    await h.turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
+    await h.wait_state("speaking")
+    await asyncio.sleep(0.4)
+    await h.turns.on_speech_progress(0.0, 60.0)
+    assert h.turns.ducked
+    ducked_at = time.monotonic()
+    while not h.of_type("unduck"):
+        await h.turns.on_speech_progress(0.0, 0.0)  # the speech stopped: no barge-in
+        await asyncio.sleep(0.01)
+    assert 0.18 <= time.monotonic() - ducked_at <= 0.3
+    assert not h.turns.ducked and not h.track.held
+    await h.wait_state("listening")
+    reply = h.engine.replies[0]
+    assert not reply.cancelled and reply.played_s == [None]
+    assert not h.turns.history[1].interrupted
+    # every frame of the answer went out once, and the 100 ms before the duck once more
+    assert h.track.played_samples == pytest.approx(1.5 * OUTPUT_SAMPLE_RATE, abs=FRAME_SAMPLES)
+    assert h.pump.audio_frames() == h.track.played_samples // FRAME_SAMPLES + 5
+    assert [e for _, e in h.turns.duck_log] == ["duck", "release"]
+    await h.close()
+
+
+async def test_a_run_of_speech_ducks_only_once_until_it_ends() -> None:
+    h = Harness(Script(audio_s=3.0), TurnConfig(duck_release_ms=100))
+    await h.turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
+    await h.wait_state("speaking")
+    await h.turns.on_speech_progress(0.0, 60.0)
+    await asyncio.sleep(0.2)  # released by the track's clock
+    assert h.of_type("unduck")
+    await h.turns.on_speech_progress(0.0, 300.0)  # the same run, still going: no new duck
+    assert len(h.of_type("duck")) == 1
+    await h.turns.on_speech_progress(0.0, 0.0)
+    await h.turns.on_speech_progress(0.0, 60.0)  # a new run
+    assert len(h.of_type("duck")) == 2
+    await h.close()
+
+
+async def test_ducking_can_be_turned_off() -> None:
+    h = Harness(Script(audio_s=1.0), TurnConfig(duck_ms=0))
+    await h.turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
+    await h.wait_state("speaking")
+    await h.turns.on_speech_progress(100.0, 100.0)
+    assert not h.of_type("duck") and not h.track.held
     await h.close()
 
 

@@ -2,7 +2,9 @@
 
 `dial()` connects a client whose microphone is a clock-paced track (a `MicTrack` unless one is
 given), opens the `events` data channel and records what the server sends: every message and
-every received audio frame, each with its arrival time. `serve_app()` runs an app on
+every received audio frame, each with its arrival time. `Call.muted_spans()` tells when the
+browser client (`static/voice-agent.js`) would have muted the agent on those messages, so the
+audio it would have played can be told from the audio received. `serve_app()` runs an app on
 127.0.0.1 for the length of an `async with` block.
 """
 
@@ -30,6 +32,10 @@ from signaling import ServerConfig, create_app
 from tests.fakes import MicTrack, wait_until
 
 VOICED_PEAK = 0.02  # a received frame peaking above this carries agent audio
+# static/voice-agent.js: how long the page mutes the agent after a `flush`, and at most after
+# a `duck` that neither `unduck` nor `flush` follows.
+CLIENT_FLUSH_MUTE_S = 0.300
+CLIENT_DUCK_MUTE_MAX_S = 3.0
 
 
 class OfferRefused(RuntimeError):
@@ -67,10 +73,47 @@ class Call:
     def first_audio_arrival(self, after: float, threshold: float = VOICED_PEAK) -> float | None:
         return next((t for t, f in self.audio if t > after and np.abs(f).max() > threshold), None)
 
-    def last_audio(self, start: float, end: float, threshold: float = VOICED_PEAK) -> float | None:
-        """Arrival time of the last frame with agent audio in [start, end)."""
-        times = [t for t, f in self.audio if start <= t < end and np.abs(f).max() > threshold]
+    def last_audio(
+        self, start: float, end: float, threshold: float = VOICED_PEAK, played: bool = False
+    ) -> float | None:
+        """Arrival time of the last frame with agent audio in [start, end).
+
+        `played`: only frames the browser client would have played (not muted on arrival).
+        """
+        spans = self.muted_spans() if played else []
+        times = [
+            t
+            for t, f in self.audio
+            if start <= t < end
+            and np.abs(f).max() > threshold
+            and not any(a <= t < b for a, b in spans)
+        ]
         return times[-1] if times else None
+
+    def muted_spans(self) -> list[tuple[float, float]]:
+        """[start, end) arrival-time spans in which the browser client mutes the agent's audio.
+
+        Mirrors `static/voice-agent.js`: `duck` and `flush` mute at once, until `unduck`, or
+        until a timer runs out (`CLIENT_FLUSH_MUTE_S` after the last `flush`,
+        `CLIENT_DUCK_MUTE_MAX_S` after a `duck`).
+        """
+        spans: list[tuple[float, float]] = []
+        start: float | None = None
+        deadline = 0.0
+        for t, message in self.messages:
+            if start is not None and t >= deadline:
+                spans.append((start, deadline))
+                start = None
+            kind = message.get("type")
+            if kind in ("duck", "flush"):
+                start = t if start is None else start
+                deadline = t + (CLIENT_DUCK_MUTE_MAX_S if kind == "duck" else CLIENT_FLUSH_MUTE_S)
+            elif kind == "unduck" and start is not None:
+                spans.append((start, t))
+                start = None
+        if start is not None:
+            spans.append((start, deadline))
+        return spans
 
     async def vanish(self) -> None:
         """Take the client off the network: its ICE sockets close, nothing is said to the server."""
