@@ -298,7 +298,8 @@ async def _answer(
     token = SESSION_ID.set(conn_id)
     try:
         conn = _register(app, conn_id, peer, subject)
-        return await _negotiate(app[REGISTRY_KEY], conn, sdp)
+        prefetch = app[CONFIG_KEY].inbound_prefetch_frames
+        return await _negotiate(app[REGISTRY_KEY], conn, sdp, prefetch)
     finally:
         SESSION_ID.reset(token)
 
@@ -317,12 +318,31 @@ def _register(app: web.Application, conn_id: str, peer: str, subject: str | None
     return conn
 
 
+def set_inbound_prefetch(pc: RTCPeerConnection, frames: int, logger: Any = log) -> int:
+    """Make the audio receivers' jitter buffers hold back `frames` frames; returns how many
+    receivers were changed. aiortc has no public setting for it: where its internals differ
+    (another version), nothing changes and the default delay stays."""
+    changed = 0
+    for receiver in pc.getReceivers():
+        if receiver.track is None or receiver.track.kind != "audio":
+            continue
+        buffer = getattr(receiver, "_RTCRtpReceiver__jitter_buffer", None)
+        if buffer is None or not isinstance(getattr(buffer, "_prefetch", None), int):
+            logger.warning("cannot shorten aiortc's receive jitter buffer in this version")
+            continue
+        buffer._prefetch = frames
+        changed += 1
+    return changed
+
+
 async def _negotiate(
-    registry: ConnectionRegistry, conn: Connection, sdp: str
+    registry: ConnectionRegistry, conn: Connection, sdp: str, prefetch_frames: int | None = None
 ) -> RTCSessionDescription:
     pc, session = conn.pc, conn.session
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        if prefetch_frames is not None:
+            set_inbound_prefetch(pc, prefetch_frames, session.log)
         pc.addTrack(session.output_track)
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception as exc:  # aiortc raises ValueError/others on SDP it cannot use

@@ -77,6 +77,11 @@ class ServerConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     # JSON lines describing each session's start and end; None writes none.
     audit_log: Path | None = None
+    # 20 ms frames aiortc's receive jitter buffer holds back after the one it plays out (its
+    # default, 4, delays the user's audio, and so every barge-in and end of turn, by 80 ms).
+    # One packet per audio frame: reordering and loss are handled by sequence number whatever
+    # this is, so 1 costs no robustness. None keeps aiortc's default.
+    inbound_prefetch_frames: int | None = 1
 
     def __post_init__(self) -> None:
         if self.max_sessions < 0 or self.max_body_bytes < 1024:
@@ -85,6 +90,8 @@ class ServerConfig:
             raise ValueError("the offer rate must be positive and the burst at least 1")
         if min(self.idle_timeout_s, self.max_duration_s, self.connect_timeout_s) < 0:
             raise ValueError("timeouts cannot be negative")
+        if self.inbound_prefetch_frames is not None and self.inbound_prefetch_frames < 1:
+            raise ValueError("inbound_prefetch_frames must be >= 1 (or None)")
 
     def allows_origin(self, origin: str) -> bool:
         return "*" in self.allowed_origins or origin in self.allowed_origins

@@ -619,3 +619,30 @@ async def test_an_offer_that_breaks_aiortc_half_way_gets_a_4xx_and_no_session(
         assert status == 400 and "could not be used" in payload["error"]
     assert len(client.server.app[REGISTRY_KEY]) == 0
     assert (await client.get("/healthz")).status == 200
+
+
+async def test_the_inbound_audio_jitter_buffer_holds_back_one_frame_not_four() -> None:
+    from aiortc import RTCPeerConnection
+
+    from signaling.app import set_inbound_prefetch
+
+    client, server = RTCPeerConnection(), RTCPeerConnection()
+    try:
+        client.addTransceiver("audio", direction="sendrecv")
+        await client.setLocalDescription(await client.createOffer())
+        await server.setRemoteDescription(client.localDescription)
+        (receiver,) = server.getReceivers()
+        buffer = receiver._RTCRtpReceiver__jitter_buffer
+        assert buffer._prefetch == 4  # aiortc's own default: 80 ms
+        assert set_inbound_prefetch(server, 1) == 1
+        assert buffer._prefetch == 1
+    finally:
+        await client.close()
+        await server.close()
+
+
+def test_server_config_refuses_a_jitter_buffer_of_no_frames() -> None:
+    with pytest.raises(ValueError, match="inbound_prefetch_frames"):
+        ServerConfig(inbound_prefetch_frames=0)
+    assert ServerConfig().inbound_prefetch_frames == 1
+    assert ServerConfig(inbound_prefetch_frames=None).inbound_prefetch_frames is None
