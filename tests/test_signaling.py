@@ -646,3 +646,13 @@ def test_server_config_refuses_a_jitter_buffer_of_no_frames() -> None:
         ServerConfig(inbound_prefetch_frames=0)
     assert ServerConfig().inbound_prefetch_frames == 1
     assert ServerConfig(inbound_prefetch_frames=None).inbound_prefetch_frames is None
+
+
+def test_a_decode_step_the_device_cannot_run_is_a_clear_error(tmp_path: Path) -> None:
+    from models.make_tiny import write_tiny_model_set
+
+    write_tiny_model_set(tmp_path)
+    with pytest.raises(SystemExit, match="cannot run that way.*CUDA"):
+        run_agent.make_engine("glm4voice", tmp_path, device="cpu", decode_step="graphs")
+    args = run_agent.parse_args(["--decode-step", "compile"])
+    assert args.decode_step == "compile"
