@@ -430,18 +430,23 @@ async def test_typed_text_gets_an_assistant_answer_on_the_page(launch, agent_ser
     await demo.hang_up()
 
 
-async def test_interrupt_button_silences_the_agent_and_cuts_its_transcript(
-    launch, agent_server, silence_wav
-):
-    script = Script(text="one two three four five six seven eight nine ten", audio_s=8.0)
+async def _answering(launch, agent_server, silence_wav, audio_s: float):
+    """The demo page connected, a typed question sent and the agent audibly answering it."""
+    script = Script(text="one two three four five six seven eight nine ten", audio_s=audio_s)
     server = await agent_server(FakeEngine(script))
     demo = await DemoPage.open(await launch(silence_wav), server.url)
     await demo.connect()
-
     await demo.page.fill("#text-input", "count to ten")
     await demo.page.click("#send")
     await demo.page.wait_for_function("window.voiceAgent.state === 'speaking'", timeout=20_000)
     await demo.page.wait_for_function("window.seen.agentLevelMax > 0.05", timeout=10_000)
+    return script, server, demo
+
+
+async def test_interrupt_button_silences_the_agent_and_cuts_its_transcript(
+    launch, agent_server, silence_wav
+):
+    script, _server, demo = await _answering(launch, agent_server, silence_wav, audio_s=8.0)
     await demo.page.wait_for_timeout(1_500)  # let a few words be heard before cutting in
     await demo.page.click("#interrupt")
 
@@ -465,15 +470,7 @@ async def test_interrupt_button_silences_the_agent_and_cuts_its_transcript(
 async def test_a_duck_mutes_the_agent_and_unduck_lets_the_whole_answer_play_on(
     launch, agent_server, silence_wav
 ):
-    script = Script(text="one two three four five six seven eight nine ten", audio_s=4.0)
-    server = await agent_server(FakeEngine(script))
-    demo = await DemoPage.open(await launch(silence_wav), server.url)
-    await demo.connect()
-
-    await demo.page.fill("#text-input", "count to ten")
-    await demo.page.click("#send")
-    await demo.page.wait_for_function("window.voiceAgent.state === 'speaking'", timeout=20_000)
-    await demo.page.wait_for_function("window.seen.agentLevelMax > 0.05", timeout=10_000)
+    script, server, demo = await _answering(launch, agent_server, silence_wav, audio_s=4.0)
     (conn,) = server.runner.app[REGISTRY_KEY].connections()
     await conn.session.turns.on_speech_progress(0.0, 100.0)  # a run of speech, never confirmed
 
