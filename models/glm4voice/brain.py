@@ -287,17 +287,11 @@ class GLM4VoiceBrain:
         job.timings.add("speech_tokenizer", time.perf_counter() - started)
         return audio_tokens_text(codes), "audio"
 
-    def start_job(self, job: Job) -> None:
-        """Tokenize the turn, build its prompt on the history, prefill it."""
-        error = self.start_jobs([job])[0]
-        if error is not None:
-            raise error
-
     def start_jobs(self, jobs: Sequence[Job]) -> list[BaseException | None]:
-        """`start_job` for jobs that arrived together: each turn is tokenized and its prompt
-        built, then the prompts are prefilled in one left-padded forward per group of at most
-        `PREFILL_BATCH_IDS` padded ids. Returns each job's error (None: started); one job's
-        failure leaves the others started."""
+        """Start jobs that arrived together: each turn is tokenized and its prompt built on
+        its history, then the prompts are prefilled in one left-padded forward per group of
+        at most `PREFILL_BATCH_IDS` padded ids. Returns each job's error (None: started); one
+        job's failure leaves the others started."""
         errors: list[BaseException | None] = [None] * len(jobs)
         prepared: list[tuple[Job, list[int]]] = []
         for index, job in enumerate(jobs):
