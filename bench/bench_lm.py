@@ -9,6 +9,8 @@ Real time needs about 18.75 decoded tokens/s (13 text + 26 audio tokens per 2.08
 The second table steps `--batches` sequences at once through the engine's sequence batches
 (`make_sequence_batch`), for each of `--decode-steps` (the default is what the device runs:
 dynamic and static on a CPU; also CUDA graphs on a GPU; `compile` takes minutes at 9B).
+A static kind with `-unfused` (`static-unfused`, `graphs-unfused`) steps through
+transformers' layers instead of the fused decode step, for comparison.
 
     python -m bench.bench_lm [--full] [--prompt 64] [--steps 32] [--modes bf16,int4]
                              [--decode-steps dynamic,static,graphs] [--batches 1,4,16]
@@ -183,6 +185,7 @@ class PrefillResult:
     """`prompts` prompts arriving together, prefilled in one left-padded forward vs. one by one."""
 
     size: str
+    path: str  # "fused" or "transformers" (the static cache's prefill)
     prompts: int
     prompt_tokens: int
     together_ms: float
@@ -192,14 +195,16 @@ class PrefillResult:
 def bench_prefill_together(
     model: GlmForCausalLM, size: str, counts: list[int], prompt_tokens: int, vocab: int
 ) -> list[PrefillResult]:
-    """The static cache's `prefill_many` against a loop of `prefill` (best of three each);
-    prompt lengths vary by up to a quarter, as real turns do."""
+    """The static cache's `prefill_many` against a loop of `prefill` (best of three each),
+    through the fused path and through transformers' forward; prompt lengths vary by up to a
+    quarter, as real turns do."""
     device = next(model.parameters()).device
     stepper = LMStepper(model)
     gen = torch.Generator().manual_seed(7)
     results = []
-    for count in counts:
-        sequences = make_sequence_batch(stepper, "static", StaticCacheConfig(max_batch=count))
+    for path, count in [(path, count) for path in ("fused", "transformers") for count in counts]:
+        cache = StaticCacheConfig(max_batch=count, fused=path == "fused")
+        sequences = make_sequence_batch(stepper, "static", cache)
         lengths = torch.randint(3 * prompt_tokens // 4, prompt_tokens + 1, (count,), generator=gen)
         prompts = [
             (key, torch.randint(0, vocab, (int(n),), generator=gen).tolist())
@@ -217,6 +222,7 @@ def bench_prefill_together(
         one_by_one()
         result = PrefillResult(
             size,
+            path,
             count,
             prompt_tokens,
             1e3 * best_of(3, device, together),
@@ -224,7 +230,7 @@ def bench_prefill_together(
         )
         results.append(result)
         print(
-            f"prefill of {count:2d} prompts of <= {prompt_tokens} ids: together "
+            f"{path:<12} prefill of {count:2d} prompts of <= {prompt_tokens} ids: together "
             f"{result.together_ms:8.1f} ms, one by one {result.one_by_one_ms:8.1f} ms "
             f"({result.one_by_one_ms / result.together_ms:.2f}x)",
             flush=True,
@@ -250,13 +256,14 @@ def bench_decode_steps(
     rows = max(batches)
     results: list[StepResult] = []
     for kind in decode_steps:
-        cache = StaticCacheConfig(max_batch=rows, max_len=StaticCacheConfig().max_len)
+        base, unfused = split_decode_step(kind)
+        cache = StaticCacheConfig(max_batch=rows, fused=not unfused)
         sequences: SequenceBatch | None = None
 
         def make_batch() -> SequenceBatch:
             nonlocal sequences
             if sequences is None:
-                sequences = make_sequence_batch(stepper, kind, cache)  # noqa: B023
+                sequences = make_sequence_batch(stepper, base, cache)  # noqa: B023
             return sequences
 
         for batch in batches:
@@ -278,18 +285,34 @@ def bench_decode_steps(
     return results
 
 
+UNFUSED = "-unfused"
+
+
+def split_decode_step(kind: str) -> tuple[str, bool]:
+    """(`LoadOptions.decode_step` value, whether to step through transformers' layers)."""
+    if kind.endswith(UNFUSED):
+        return kind.removesuffix(UNFUSED), True
+    return kind, False
+
+
+def known_decode_steps() -> list[str]:
+    """Every kind `--decode-steps` takes."""
+    static = [kind for kind in DECODE_STEPS if kind not in ("auto", "dynamic")]
+    return [*DECODE_STEPS, *(kind + UNFUSED for kind in static)]
+
+
 def format_steps(results: list[StepResult], header: bool = True) -> str:
     """Decode-step results as an aligned text table."""
     lines = (
         [
-            f"{'size':<5} {'decode step':<11} {'batch':>5} {'ms/step':>8} {'tok/s per seq':>14} "
+            f"{'size':<5} {'decode step':<14} {'batch':>5} {'ms/step':>8} {'tok/s per seq':>14} "
             f"{'total tok/s':>12} {'setup s':>8}"
         ]
         if header
         else []
     )
     lines += [
-        f"{r.size:<5} {r.decode_step:<11} {r.batch:>5} {r.ms_per_step:>8.2f} "
+        f"{r.size:<5} {r.decode_step:<14} {r.batch:>5} {r.ms_per_step:>8.2f} "
         f"{r.tokens_per_s_per_sequence:>14.1f} {r.tokens_per_s_total:>12.1f} {r.setup_s:>8.2f}"
         for r in results
     ]
@@ -356,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--decode-steps",
         default=None,
-        help="comma list of dynamic,static,graphs,compile (default: dynamic,static, "
-        "plus graphs on a GPU; '' for none)",
+        help="comma list of dynamic,static,graphs,compile, or a static kind with -unfused "
+        "(default: dynamic,static,static-unfused, plus graphs,graphs-unfused on a GPU; '' for "
+        "none)",
     )
     parser.add_argument(
         "--batches", default=None, help="sequences per step (tiny 1,4; full 1,4,16)"
@@ -381,9 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         print("--full needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.decode_steps is None:
-        args.decode_steps = "dynamic,static,graphs" if args.full else "dynamic,static"
+        args.decode_steps = "dynamic,static,static-unfused"
+        if args.full:
+            args.decode_steps += ",graphs,graphs-unfused"
     decode_steps = [k for k in args.decode_steps.split(",") if k]
-    unknown = set(decode_steps) - set(DECODE_STEPS)
+    unknown = set(decode_steps) - set(known_decode_steps())
     if unknown:
         parser.error(f"unknown decode steps {sorted(unknown)}")
     batches = [int(b) for b in (args.batches or ("1,4,16" if args.full else "1,4")).split(",")]
@@ -400,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab = min(config.padded_vocab_size, 150000)
         dtype = torch.bfloat16
     else:
+        torch.set_num_threads(1)  # tiny kernels only lose time to threads fighting for cores
         results = bench_tiny_checkpoint(modes, args.prompt or 64, args.steps or 32)
         config = ChatGLMConfig.from_dict(tiny_config_dict(padded_vocab_size=512))
         device = torch.device("cpu")

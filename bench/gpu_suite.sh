@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Full-size GLM-4-Voice figures on one CUDA GPU with random weights, in one run of a few
 # minutes. Parts, in this order (PARTS="..." picks some):
-#   tests     the CUDA-only tests (graph replays against plain calls)
-#   lm        LM prefill and decode steps: dynamic cache, static cache, CUDA graphs
+#   tests     the CUDA-only tests (graph replays and the fused step against plain calls)
+#   lm        LM prefill and decode steps: dynamic cache, static cache, CUDA graphs, each
+#             static kind fused and through transformers' layers (-unfused)
 #             (LM_STEPS=... to choose; LM_MODES="" skips the plain decode) at batch 1, 4, 16
 #   engine    the engine's first audio per stage and 1..16 concurrent conversations
 #   decoder   decoder cost per block along an answer, reference vs. fast
@@ -38,9 +39,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', \
 transformers.__version__, '|', torch.cuda.get_device_name())" || exit 1
 
-part tests 90 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
-part lm 120 "$py" -m bench.bench_lm --full --modes "${LM_MODES-bf16}" \
-    --decode-steps "${LM_STEPS:-dynamic,static,graphs}" --json "$out/lm.json"
+part tests 90 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
+    tests/test_lm_fused_step.py
+part lm 150 "$py" -m bench.bench_lm --full --modes "${LM_MODES-bf16}" \
+    --decode-steps "${LM_STEPS:-dynamic,static,graphs,graphs-unfused}" --json "$out/lm.json"
 part engine 200 "$py" -m bench.bench_glm4voice --full --sections stages,concurrency \
     --repeats 1 --json "$out/engine.json"
 part decoder 120 "$py" -m bench.bench_glm4voice --full --sections decoder --repeats 1 \

@@ -49,24 +49,28 @@ def _run_schedule(batch, prompts: dict[str, list[int]], tokens: dict[str, list[i
 SCHEDULE = ["abc", "ab", "b", "bc", "cab", "ca", "c", "abc", "ab", "b", "ab", "a", "ac", "c"]
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("min_columns", [256, 8])
-def test_static_cache_steps_give_the_dynamic_cache_logits(stepper, min_columns):
+def test_static_cache_steps_give_the_dynamic_cache_logits(stepper, min_columns, fused):
     """Rows join, pause and come back; the static rows attend through their masks only (over
-    all 64 columns, or over spans of 8, 16, 32 and 64 as the cursor moves on)."""
+    all 64 columns, or over spans of 8, 16, 32 and 64 as the cursor moves on), stepping
+    through the fused step or transformers' layers."""
     gen = torch.Generator().manual_seed(0)
     prompts = {key: _random_ids(gen, n) for key, n in zip("abc", (5, 17, 9), strict=True)}
     tokens = {key: _random_ids(gen, 8) for key in "abc"}
     want = _run_schedule(KVCacheBatch(stepper), prompts, tokens, SCHEDULE)
-    config = StaticCacheConfig(max_batch=4, max_len=64, min_columns=min_columns)
+    config = StaticCacheConfig(max_batch=4, max_len=64, min_columns=min_columns, fused=fused)
     static = StaticKVBatch(stepper, config)
+    assert (static.fused is not None) == fused
     got = _run_schedule(static, prompts, tokens, SCHEDULE)
     for key in "abc":
         assert got[key].shape == want[key].shape == (9, 512)
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("min_columns", [256, 4])
-def test_static_cache_packs_its_rows_when_the_columns_run_out(stepper, min_columns):
+def test_static_cache_packs_its_rows_when_the_columns_run_out(stepper, min_columns, fused):
     """A short cache: the cursor reaches its end and the rows are packed to the left (after
     which the step attends over a shorter span again)."""
     gen = torch.Generator().manual_seed(1)
@@ -75,7 +79,7 @@ def test_static_cache_packs_its_rows_when_the_columns_run_out(stepper, min_colum
     schedule = ["ab", "a", "b"] * 30  # pauses leave junk columns that packing drops
     want = _run_schedule(KVCacheBatch(stepper), prompts, tokens, schedule)
     static = StaticKVBatch(
-        stepper, StaticCacheConfig(max_batch=2, max_len=40, min_columns=min_columns)
+        stepper, StaticCacheConfig(max_batch=2, max_len=40, min_columns=min_columns, fused=fused)
     )
     got = _run_schedule(static, prompts, tokens, schedule)
     for key in "ab":

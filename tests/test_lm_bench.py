@@ -13,6 +13,7 @@ from bench.bench_lm import (
     bench_random,
     format_steps,
     format_table,
+    split_decode_step,
 )
 from models.lm import ChatGLMConfig, build_random_lm, expected_shapes
 from models.lm.tiny import tiny_config_dict
@@ -39,16 +40,18 @@ def test_full_size_config_has_the_published_parameter_count() -> None:
 def test_decode_step_and_prefill_tables_run_at_a_tiny_size() -> None:
     config = ChatGLMConfig.from_dict(tiny_config_dict(padded_vocab_size=512))
     model = build_random_lm(config, "cpu", torch.float32)
-    steps = bench_decode_steps(model, "tiny", ["dynamic", "static"], [1, 3], 8, 2, 500)
+    kinds = ["dynamic", "static", "static-unfused"]
+    steps = bench_decode_steps(model, "tiny", kinds, [1, 3], 8, 2, 500)
     assert [(r.decode_step, r.batch) for r in steps] == [
-        ("dynamic", 1),
-        ("dynamic", 3),
-        ("static", 1),
-        ("static", 3),
+        (kind, batch) for kind in kinds for batch in (1, 3)
     ]
     assert all(
         math.isclose(r.tokens_per_s_total, r.batch * r.tokens_per_s_per_sequence) for r in steps
     )
-    assert "static" in format_steps(steps)
-    (prefill,) = bench_prefill_together(model, "tiny", [3], 16, 500)
-    assert prefill.prompts == 3 and prefill.together_ms > 0 and prefill.one_by_one_ms > 0
+    assert "static-unfused" in format_steps(steps)
+    assert split_decode_step("graphs-unfused") == ("graphs", True)
+    assert split_decode_step("graphs") == ("graphs", False)
+    fused, transformers = bench_prefill_together(model, "tiny", [3], 16, 500)
+    assert (fused.path, transformers.path) == ("fused", "transformers")
+    for prefill in (fused, transformers):
+        assert prefill.prompts == 3 and prefill.together_ms > 0 and prefill.one_by_one_ms > 0

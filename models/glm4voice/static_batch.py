@@ -4,8 +4,8 @@ be compiled into CUDA graphs.
 `StaticKVBatch` is a `SequenceBatch` like `KVCacheBatch`, with fixed tensor shapes:
 
 - Every live sequence owns a row ("slot") of a cache of `max_batch` rows and `max_len`
-  columns per layer, allocated once. A prompt is prefilled on its own (dynamic shapes, once
-  per turn) and copied into the first columns of its slot.
+  columns per layer, allocated once. A prompt is prefilled (dynamic shapes, once per turn)
+  into the first columns of its slot.
 - Every step writes its new keys/values into one shared column (`cursor`) of every row in
   the step's batch bucket; a boolean table [max_batch, max_len] on the host says which
   columns hold a row's real tokens, and a device copy of it as an additive mask (0 or the
@@ -17,6 +17,12 @@ be compiled into CUDA graphs.
 - A step covers the smallest bucket (power of two up to `max_batch`) holding the highest
   slot in use; slots are handed out lowest first. It attends over the smallest column span
   (power of two from `min_columns`, or `max_len`) holding the cursor.
+
+Steps and prompts run through `FusedDecodeStep` (`models/lm/fused_step.py`; about half the
+kernels of transformers' layers, same logits) unless `StaticCacheConfig.fused` is off or the
+model is quantized: a fused prefill takes the prompts right-padded and writes them straight
+into their slots; transformers' prefill runs them left-padded with a dynamic cache, copied
+into the slots afterwards.
 
 Because the one-token step has the same shapes for every (bucket, span), it can run as one
 CUDA graph each, which removes the per-layer kernel-launch and Python overhead that dominates
@@ -40,6 +46,7 @@ import torch
 from models.cuda_graphs import CudaGraphCache
 from models.glm4voice.batching import left_padded
 from models.lm import LMStepper
+from models.lm.fused_step import FusedDecodeStep
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,9 @@ class StaticCacheConfig:
     # A step attends over the first columns up to the smallest span (a power of two from
     # min_columns, or max_len) that holds the cursor, not over all max_len columns.
     min_columns: int = 256
+    # Step through `FusedDecodeStep` (about half the kernels of transformers' layers) when
+    # the model's Linears are unquantized; False keeps transformers' forward.
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_len < 2 or self.min_columns < 1:
@@ -89,10 +99,11 @@ class StaticCacheConfig:
 
 
 class SlotCache:
-    """Keys/values [max_batch, kv_heads, max_len, head_dim] per layer; `update` writes the
-    step's one new column at `column` for the first rows and returns those rows' first
-    `span` columns
-    (the transformers attention layers call it as they call a `Cache`)."""
+    """Keys and values of every layer in one tensor [max_batch, 2 * kv_heads, max_len,
+    head_dim] per layer (`kv`; keys in the first kv_heads heads, `keys`/`values` are views);
+    `update` writes the step's one new column at `column` for the first rows and returns
+    those rows' first `span` columns (the transformers attention layers call it as they
+    call a `Cache`)."""
 
     def __init__(
         self,
@@ -103,9 +114,10 @@ class SlotCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (config.max_batch, kv_heads, config.max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        shape = (config.max_batch, 2 * kv_heads, config.max_len, head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.keys = [kv[:, :kv_heads] for kv in self.kv]
+        self.values = [kv[:, kv_heads:] for kv in self.kv]
         self.column = torch.zeros(1, dtype=torch.long, device=device)
         self.span = config.max_len  # columns `update` returns (set before each step)
 
@@ -121,7 +133,7 @@ class SlotCache:
 
     def mark_static(self) -> None:
         """Tell the compiler these tensors keep their addresses (needed by CUDA graphs)."""
-        for tensor in [*self.keys, *self.values, self.column]:
+        for tensor in [*self.kv, self.column]:
             torch._dynamo.mark_static_address(tensor)
 
 
@@ -155,6 +167,11 @@ class StaticKVBatch:
         self._lengths = [0] * rows  # real tokens per slot (= the next GLM-4 position)
         self._slot_of: dict[Hashable, int] = {}
         self._cursor = 0  # the next column written by a step
+        self.fused = (
+            FusedDecodeStep(model)
+            if self.config.fused and FusedDecodeStep.supports(model)
+            else None
+        )
         self._step_fn: StepFn = self._forward
         self.mode: StepMode = "plain"
 
@@ -206,6 +223,8 @@ class StaticKVBatch:
             raise ValueError("each sequence can be prefilled once per call")
         for key, prompt_ids in prompts:
             self.release(key)
+            if not prompt_ids:
+                raise ValueError("an empty prompt cannot be prefilled")
             if len(prompt_ids) >= self.config.max_len:
                 raise ValueError(
                     f"a prompt of {len(prompt_ids)} ids does not fit {self.config.max_len}"
@@ -215,17 +234,13 @@ class StaticKVBatch:
             raise RuntimeError(
                 f"all {self.config.max_batch} rows of the static KV cache are in use"
             )
-        if len(prompts) == 1:
-            ids, mask = torch.tensor([list(prompts[0][1])], dtype=torch.long), None
+        slots = free[: len(prompts)]
+        if self.fused is not None:
+            logits = self._fused_prefill([prompt for _, prompt in prompts], slots)
         else:
-            ids, mask = left_padded([list(prompt) for _, prompt in prompts])
-        logits, state = self.stepper.prefill(ids, mask)
-        width = ids.shape[1]
-        for row, ((key, prompt_ids), slot) in enumerate(zip(prompts, free, strict=False)):
+            logits = self._transformers_prefill([prompt for _, prompt in prompts], slots)
+        for (key, prompt_ids), slot in zip(prompts, slots, strict=True):
             length = len(prompt_ids)
-            for layer, cached in enumerate(state.cache.layers):
-                self.cache.keys[layer][slot, :, :length] = cached.keys[row, :, width - length :]
-                self.cache.values[layer][slot, :, :length] = cached.values[row, :, width - length :]
             self._valid[slot] = False
             self._valid[slot, :length] = True
             self._bias[slot].fill_(self._hidden)
@@ -319,6 +334,9 @@ class StaticKVBatch:
         self, token_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """One token per row through the LM with the slot cache; float32 logits [rows, V]."""
+        if self.fused is not None:
+            cache = self.cache
+            return self.fused(token_ids, positions, mask, cache.kv, cache.column, cache.span)
         out = self.stepper.model(
             input_ids=token_ids,
             attention_mask=mask,
@@ -329,6 +347,40 @@ class StaticKVBatch:
         )
         return out.logits[:, -1].float()
 
+    def _fused_prefill(self, prompts: Sequence[Sequence[int]], slots: list[int]) -> torch.Tensor:
+        """The fused prefill of the right-padded prompts, written straight into the slots."""
+        assert self.fused is not None
+        width = max(len(prompt) for prompt in prompts)
+        host = torch.zeros((len(prompts), width + 2), dtype=torch.long, pin_memory=self._pin)
+        values = host.numpy()
+        for row, (prompt, slot) in enumerate(zip(prompts, slots, strict=True)):
+            values[row, : len(prompt)] = prompt
+            values[row, width] = len(prompt)
+            values[row, width + 1] = slot
+        inputs = host.to(self._bias.device, non_blocking=True)
+        with torch.inference_mode():
+            return self.fused.prefill(
+                inputs[:, :width], inputs[:, width], self.cache.kv, inputs[:, width + 1]
+            )
+
+    def _transformers_prefill(
+        self, prompts: Sequence[Sequence[int]], slots: list[int]
+    ) -> torch.Tensor:
+        """transformers' forward over the left-padded prompts with a dynamic cache, whose
+        real columns are then copied into the first columns of each slot."""
+        if len(prompts) == 1:
+            ids, mask = torch.tensor([list(prompts[0])], dtype=torch.long), None
+        else:
+            ids, mask = left_padded([list(prompt) for prompt in prompts])
+        logits, state = self.stepper.prefill(ids, mask)
+        width = ids.shape[1]
+        for row, (prompt, slot) in enumerate(zip(prompts, slots, strict=True)):
+            length = len(prompt)
+            for layer, cached in enumerate(state.cache.layers):
+                self.cache.keys[layer][slot, :, :length] = cached.keys[row, :, width - length :]
+                self.cache.values[layer][slot, :, :length] = cached.values[row, :, width - length :]
+        return logits
+
     def _compact(self) -> None:
         """Pack every row's real columns to the left; frees the columns of gaps and junk."""
         end = 0
@@ -336,9 +388,8 @@ class StaticKVBatch:
             columns = self._valid[slot].nonzero().squeeze(-1)
             count = int(columns.numel())
             columns = columns.to(self._bias.device)
-            for layer in range(len(self.cache.keys)):
-                for store in (self.cache.keys[layer], self.cache.values[layer]):
-                    store[slot, :, :count] = store[slot, :, columns]
+            for kv in self.cache.kv:
+                kv[slot, :, :count] = kv[slot, :, columns]
             self._valid[slot] = False
             self._valid[slot, :count] = True
             self._bias[slot].fill_(self._hidden)
