@@ -11,7 +11,8 @@ from models.glm4voice.static_batch import StaticCacheConfig, StaticKVBatch
 from models.lm import LMStepper, build_random_lm
 from models.lm.configuration_lm import ChatGLMConfig
 from models.lm.fused_step import FusedDecodeStep, fuse_qkv
-from models.lm.tiny import tiny_config_dict
+from models.lm.loading import load_lm
+from models.lm.tiny import tiny_config_dict, write_tiny_lm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,22 +97,42 @@ def test_fusing_q_k_v_shares_one_weight_and_leaves_the_model_unchanged():
     torch.testing.assert_close(model(input_ids=ids).logits, before, atol=0, rtol=0)
 
 
-def test_a_model_with_quantized_linears_keeps_transformers_step():
-    class QuantizedLinear(nn.Linear):
-        """Stands in for a bitsandbytes 4-bit layer (a Linear subclass)."""
+def test_layers_that_are_not_plain_linears_are_called_as_they_are():
+    """A Linear subclass (as a quantized layer is) is not fused: the step calls it."""
+
+    class CountingLinear(nn.Linear):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            CountingLinear.calls += 1
+            return super().forward(x)
 
     model = _model(torch.float32)
-    down = model.model.layers[1].mlp.down_proj
-    replacement = QuantizedLinear(down.in_features, down.out_features, bias=False)
-    replacement.weight = down.weight
-    model.model.layers[1].mlp.down_proj = replacement
-    assert not FusedDecodeStep.supports(model)
-    with pytest.raises(ValueError, match="unquantized"):
-        FusedDecodeStep(model)
-    static = StaticKVBatch(LMStepper(model), StaticCacheConfig(max_batch=1, max_len=16))
-    assert static.fused is None
-    static.prefill("a", [1, 2])
-    assert static.step(["a"], [3]).shape == (1, VOCAB)
+    attention = model.model.layers[1].self_attn
+    for name in ("k_proj", "o_proj"):
+        plain = getattr(attention, name)
+        counting = CountingLinear(plain.in_features, plain.out_features, plain.bias is not None)
+        counting.load_state_dict(plain.state_dict())
+        setattr(attention, name, counting)
+    stepper = LMStepper(model)
+    spans = {"max_batch": 4, "max_len": 36, "min_columns": 8}
+    want = _steps(stepper, StaticCacheConfig(**spans, fused=False))
+    CountingLinear.calls = 0
+    got = _steps(stepper, StaticCacheConfig(**spans, fused=True))
+    assert CountingLinear.calls == 2 * (2 + len(SCHEDULE))  # k and o: each prefill and step
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_4bit_model_steps_through_the_fused_path_as_through_transformers_layers(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model_dir = write_tiny_lm(tmp_path, with_tokenizer=False, padded_vocab_size=VOCAB)
+    model = load_lm(model_dir, dtype=torch.bfloat16, quantization="int4")
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    stepper = LMStepper(model)
+    spans = {"max_batch": 4, "max_len": 36, "min_columns": 8}
+    want = _steps(stepper, StaticCacheConfig(**spans, fused=False))
+    got = _steps(stepper, StaticCacheConfig(**spans, fused=True))
+    _assert_near_in_bf16(got, want, max_ulps=1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -19,8 +19,8 @@ be compiled into CUDA graphs.
   (power of two from `min_columns`, or `max_len`) holding the cursor.
 
 Steps and prompts run through `FusedDecodeStep` (`models/lm/fused_step.py`; about half the
-kernels of transformers' layers, same logits) unless `StaticCacheConfig.fused` is off or the
-model is quantized: a fused prefill takes the prompts right-padded and writes them straight
+kernels of transformers' layers, same logits) unless `StaticCacheConfig.fused` is off: a
+fused prefill takes the prompts right-padded and writes them straight
 into their slots; transformers' prefill runs them left-padded with a dynamic cache, copied
 into the slots afterwards.
 
@@ -71,8 +71,8 @@ class StaticCacheConfig:
     # A step attends over the first columns up to the smallest span (a power of two from
     # min_columns, or max_len) that holds the cursor, not over all max_len columns.
     min_columns: int = 256
-    # Step through `FusedDecodeStep` (about half the kernels of transformers' layers) when
-    # the model's Linears are unquantized; False keeps transformers' forward.
+    # Step and prefill through `FusedDecodeStep` (about half the kernels of transformers'
+    # layers); False keeps transformers' forward.
     fused: bool = True
 
     def __post_init__(self) -> None:
@@ -167,11 +167,7 @@ class StaticKVBatch:
         self._lengths = [0] * rows  # real tokens per slot (= the next GLM-4 position)
         self._slot_of: dict[Hashable, int] = {}
         self._cursor = 0  # the next column written by a step
-        self.fused = (
-            FusedDecodeStep(model)
-            if self.config.fused and FusedDecodeStep.supports(model)
-            else None
-        )
+        self.fused = FusedDecodeStep(model) if self.config.fused else None
         self._step_fn: StepFn = self._forward
         self.mode: StepMode = "plain"
 

@@ -9,7 +9,8 @@ microseconds, two thousand per step. `FusedDecodeStep` computes the same step wi
 twenty per layer:
 
 - q, k and v come from one matrix product: the three weights become views of one fused
-  weight (no extra memory; transformers' modules keep working on the views).
+  weight (no extra memory; transformers' modules keep working on the views). Quantized
+  layers (bitsandbytes 4-bit) are called as they are, their outputs joined.
 - RMSNorm is `F.rms_norm` in float32 with float32 copies of the norm weights: the same
   rounding order as GLM-4 (normalize and scale in float32, round once).
 - The rotary embedding turns q and k together in place, with the cos/sin of the step's
@@ -21,13 +22,12 @@ twenty per layer:
   is exact for a one-token step and lets any attention kernel take the mask.
 
 Float32 logits match transformers' step to float32 rounding; bf16 logits to a few bf16 ulp
-(kernels sum in other orders). 4-bit (bitsandbytes) models keep transformers' path:
-`supports` says which models this step can run.
+(kernels sum in other orders).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,13 +38,29 @@ from transformers import GlmForCausalLM
 __all__ = ["FusedDecodeStep", "fuse_qkv"]
 
 
-def _plain_linears(model: GlmForCausalLM) -> bool:
-    linears: list[nn.Module] = [model.lm_head]
-    for layer in model.model.layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        linears += [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
-        linears += [mlp.gate_up_proj, mlp.down_proj]
-    return all(type(m) is nn.Linear for m in linears)
+Projection = Callable[[Tensor], Tensor]
+
+
+def _is_plain(module: nn.Module) -> bool:
+    return type(module) is nn.Linear
+
+
+def _linear(weight: Tensor, bias: Tensor | None = None) -> Projection:
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _projection(module: nn.Module) -> Projection:
+    """A plain Linear as `F.linear` on its weights; any other layer (4-bit) called as is."""
+    if _is_plain(module):
+        return _linear(module.weight, module.bias)
+    return module
+
+
+def _qkv_projection(attention: nn.Module) -> Projection:
+    projections = [attention.q_proj, attention.k_proj, attention.v_proj]
+    if all(_is_plain(p) for p in projections):
+        return _linear(*fuse_qkv(attention))
+    return lambda x: torch.cat([p(x) for p in projections], dim=-1)
 
 
 def fuse_qkv(attention: nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -90,30 +106,27 @@ def _repoint(projections: Sequence[nn.Linear], name: str, fused: Tensor) -> None
 
 
 @dataclass(frozen=True)
-class _LayerWeights:
+class _Layer:
     norm1: Tensor  # float32
     eps1: float
-    qkv_weight: Tensor
-    qkv_bias: Tensor | None
-    o_weight: Tensor
+    qkv: Projection
+    o: Projection
     norm2: Tensor  # float32
     eps2: float
-    gate_up_weight: Tensor
-    down_weight: Tensor
+    gate_up: Projection
+    down: Projection
 
     @classmethod
-    def of(cls, layer: nn.Module) -> _LayerWeights:
-        qkv_weight, qkv_bias = fuse_qkv(layer.self_attn)
+    def of(cls, layer: nn.Module) -> _Layer:
         return cls(
             norm1=layer.input_layernorm.weight.detach().float(),
             eps1=layer.input_layernorm.variance_epsilon,
-            qkv_weight=qkv_weight,
-            qkv_bias=qkv_bias,
-            o_weight=layer.self_attn.o_proj.weight,
+            qkv=_qkv_projection(layer.self_attn),
+            o=_projection(layer.self_attn.o_proj),
             norm2=layer.post_attention_layernorm.weight.detach().float(),
             eps2=layer.post_attention_layernorm.variance_epsilon,
-            gate_up_weight=layer.mlp.gate_up_proj.weight,
-            down_weight=layer.mlp.down_proj.weight,
+            gate_up=_projection(layer.mlp.gate_up_proj),
+            down=_projection(layer.mlp.down_proj),
         )
 
 
@@ -129,8 +142,6 @@ class FusedDecodeStep:
     """
 
     def __init__(self, model: GlmForCausalLM) -> None:
-        if not self.supports(model):
-            raise ValueError("the fused step needs a model with plain (unquantized) Linear layers")
         config = model.config
         self.model = model
         self.heads = config.num_attention_heads
@@ -143,16 +154,12 @@ class FusedDecodeStep:
         self.rotary_dim = 2 * self._inv_freq.numel()
         self._dtype = model.model.embed_tokens.weight.dtype
         with torch.no_grad():
-            self._layers = [_LayerWeights.of(layer) for layer in model.model.layers]
+            self._layers = [_Layer.of(layer) for layer in model.model.layers]
+            self._lm_head = _projection(model.lm_head)
             self._final_norm = (
                 model.model.norm.weight.detach().float(),
                 model.model.norm.variance_epsilon,
             )
-
-    @staticmethod
-    def supports(model: GlmForCausalLM) -> bool:
-        """Whether `model` can run the fused step: every Linear unquantized."""
-        return _plain_linears(model)
 
     def _norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), weight, eps).to(self._dtype)
@@ -176,15 +183,15 @@ class FusedDecodeStep:
         swapped = turned.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
         turned.mul_(cos).add_(swapped * signed_sin)
 
-    def _mlp_half(self, hidden: Tensor, attended: Tensor, w: _LayerWeights) -> Tensor:
+    def _mlp_half(self, hidden: Tensor, attended: Tensor, w: _Layer) -> Tensor:
         """The residual adds around o_proj and the MLP."""
-        hidden = hidden + F.linear(attended, w.o_weight)
-        gate, up = F.linear(self._norm(hidden, w.norm2, w.eps2), w.gate_up_weight).chunk(2, -1)
-        return hidden + F.linear(up * F.silu(gate), w.down_weight)
+        hidden = hidden + w.o(attended)
+        gate, up = w.gate_up(self._norm(hidden, w.norm2, w.eps2)).chunk(2, -1)
+        return hidden + w.down(up * F.silu(gate))
 
     def _logits(self, hidden: Tensor) -> Tensor:
         norm_weight, eps = self._final_norm
-        return F.linear(self._norm(hidden, norm_weight, eps), self.model.lm_head.weight).float()
+        return self._lm_head(self._norm(hidden, norm_weight, eps)).float()
 
     def __call__(
         self,
@@ -201,7 +208,7 @@ class FusedDecodeStep:
         hidden = F.embedding(token_ids[:, 0], self.model.model.embed_tokens.weight)
         cos, signed_sin = self._rotary_tables(positions[:, 0])  # [rows, 1, rotary_dim]
         for w, cache in zip(self._layers, kv, strict=True):
-            qkv = F.linear(self._norm(hidden, w.norm1, w.eps1), w.qkv_weight, w.qkv_bias)
+            qkv = w.qkv(self._norm(hidden, w.norm1, w.eps1))
             self._rotate_qk(qkv, cos, signed_sin)
             table = cache[:rows]
             table.index_copy_(2, column, qkv[:, q_width:].view(rows, 2 * groups, 1, dim))
@@ -233,7 +240,7 @@ class FusedDecodeStep:
         positions = torch.arange(width, device=token_ids.device)
         cos, signed_sin = self._rotary_tables(positions)  # [width, 1, rotary_dim]
         for w, cache in zip(self._layers, kv, strict=True):
-            qkv = F.linear(self._norm(hidden, w.norm1, w.eps1), w.qkv_weight, w.qkv_bias)
+            qkv = w.qkv(self._norm(hidden, w.norm1, w.eps1))
             self._rotate_qk(qkv, cos, signed_sin)
             new_kv = qkv[..., q_width:].view(rows, width, 2 * groups, dim).transpose(1, 2)
             cache[:, :, :width].index_copy_(0, slots, new_kv)
