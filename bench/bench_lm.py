@@ -12,6 +12,10 @@ dynamic and static on a CPU; also CUDA graphs on a GPU; `compile` takes minutes 
 A static kind with `-unfused` (`static-unfused`, `graphs-unfused`) steps through
 transformers' layers instead of the fused decode step, for comparison.
 
+Then: prompts prefilled together vs. one by one (fused and transformers' path), and the next
+turn's prefill after a long conversation with its keys/values kept (`PrefixCache`) vs. from
+scratch.
+
     python -m bench.bench_lm [--full] [--prompt 64] [--steps 32] [--modes bf16,int4]
                              [--decode-steps dynamic,static,graphs] [--batches 1,4,16]
                              [--json out.json]
@@ -36,7 +40,7 @@ from transformers import GlmForCausalLM
 from bench.timing import best_of, sync
 from models.glm4voice.batching import SequenceBatch
 from models.glm4voice.brain import DECODE_STEPS, make_sequence_batch
-from models.glm4voice.static_batch import StaticCacheConfig
+from models.glm4voice.static_batch import StaticCacheConfig, StaticKVBatch
 from models.lm.configuration_lm import ChatGLMConfig
 from models.lm.loading import load_lm
 from models.lm.sampling import LMStepper
@@ -239,6 +243,61 @@ def bench_prefill_together(
     return results
 
 
+@dataclass
+class ConversationResult:
+    """The next turn's prefill after a conversation of `history` ids: with the previous
+    turn's keys/values kept (`PrefixCache`) and from scratch."""
+
+    size: str
+    history: int
+    new_ids: int
+    kept_ms: float
+    from_scratch_ms: float
+
+
+def bench_conversation_prefill(
+    model: GlmForCausalLM, size: str, histories: list[int], new_ids: int, vocab: int
+) -> list[ConversationResult]:
+    """Best of three prefills of `history + new_ids` ids, after the history was prefilled and
+    released (stored) with the prefix cache on; and the same prompt with it off."""
+    device = next(model.parameters()).device
+    stepper = LMStepper(model)
+    gen = torch.Generator().manual_seed(11)
+    results = []
+    for history in histories:
+        ids = torch.randint(0, vocab, (history + new_ids,), generator=gen).tolist()
+        columns = 1 << (len(ids) + 1).bit_length()
+        timings = {}
+        for kept in (True, False):
+            cache = StaticCacheConfig(
+                max_batch=1, max_len=columns, prefix_cache_ids=columns if kept else 0
+            )
+            batch = StaticKVBatch(stepper, cache)
+            elapsed = float("inf")
+            for _ in range(4):  # the first round warms up
+                if batch.prefixes is not None:
+                    batch.prefixes.clear()
+                    batch.prefill("history", ids[:history])
+                    batch.release("history")
+                sync(device)
+                started = time.perf_counter()
+                batch.prefill("turn", ids)
+                sync(device)
+                elapsed = min(elapsed, time.perf_counter() - started)
+                batch.release("turn")
+            timings[kept] = 1e3 * elapsed
+            del batch
+        result = ConversationResult(size, history, new_ids, timings[True], timings[False])
+        results.append(result)
+        print(
+            f"next turn after {history:5d} ids of conversation (+{new_ids} new): prefill "
+            f"{result.kept_ms:8.1f} ms with its keys/values kept, {result.from_scratch_ms:8.1f} "
+            f"ms from scratch ({result.from_scratch_ms / result.kept_ms:.2f}x)",
+            flush=True,
+        )
+    return results
+
+
 def bench_decode_steps(
     model: GlmForCausalLM,
     size: str,
@@ -392,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="time prompts prefilled together vs. one by one (4 and 16 prompts)",
     )
+    parser.add_argument(
+        "--conversation",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the next turn's prefill with the conversation's keys/values kept vs not",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -418,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
 
     step_results: list[StepResult] = []
     prefill_results: list[PrefillResult] = []
+    conversation_results: list[ConversationResult] = []
     if args.full:
         config = ChatGLMConfig.from_dict(tiny_config_dict(**FULL_SIZES))
         device = torch.device("cuda")
@@ -433,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt, steps, size, vocab = args.prompt or 64, args.steps or 32, "tiny", 500
         dtype = torch.float32
     print(format_table(results), flush=True)
-    if decode_steps or args.prefill_together:
+    if decode_steps or args.prefill_together or args.conversation:
         model = build_random_lm(config, device, dtype)
         if decode_steps:
             step_results = bench_decode_steps(
@@ -441,12 +507,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.prefill_together:
             prefill_results = bench_prefill_together(model, size, [4, 16], 256, vocab)
+        if args.conversation:
+            histories = [500, 2000, 6000] if args.full else [250, 1000, 4000]
+            conversation_results = bench_conversation_prefill(model, size, histories, 100, vocab)
         del model
     if args.json:
         payload = {
             "lm": [asdict(r) for r in results],
             "decode_steps": [asdict(r) for r in step_results],
             "prefill_together": [asdict(r) for r in prefill_results],
+            "conversation_prefill": [asdict(r) for r in conversation_results],
         }
         args.json.write_text(json.dumps(payload, indent=2))
     return 0

@@ -8,6 +8,7 @@ import torch
 
 from bench.bench_lm import (
     FULL_SIZES,
+    bench_conversation_prefill,
     bench_decode_steps,
     bench_prefill_together,
     bench_random,
@@ -55,3 +56,11 @@ def test_decode_step_and_prefill_tables_run_at_a_tiny_size() -> None:
     assert (fused.path, transformers.path) == ("fused", "transformers")
     for prefill in (fused, transformers):
         assert prefill.prompts == 3 and prefill.together_ms > 0 and prefill.one_by_one_ms > 0
+
+
+def test_the_conversation_prefill_table_times_both_ways_at_a_tiny_size() -> None:
+    config = ChatGLMConfig.from_dict(tiny_config_dict(padded_vocab_size=512))
+    model = build_random_lm(config, "cpu", torch.float32)
+    (result,) = bench_conversation_prefill(model, "tiny", [40], 8, 500)
+    assert (result.history, result.new_ids) == (40, 8)
+    assert result.kept_ms > 0 and result.from_scratch_ms > 0

@@ -22,7 +22,9 @@ Steps and prompts run through `FusedDecodeStep` (`models/lm/fused_step.py`; abou
 kernels of transformers' layers, same logits) unless `StaticCacheConfig.fused` is off: a
 fused prefill takes the prompts right-padded and writes them straight
 into their slots; transformers' prefill runs them left-padded with a dynamic cache, copied
-into the slots afterwards.
+into the slots afterwards. With the fused path, a sequence's ids and keys/values are kept
+when it leaves (`PrefixCache`), and a prompt that continues them (the conversation's next
+turn) prefills only its new ids.
 
 Because the one-token step has the same shapes for every (bucket, span), it can run as one
 CUDA graph each, which removes the per-layer kernel-launch and Python overhead that dominates
@@ -45,6 +47,7 @@ import torch
 
 from models.cuda_graphs import CudaGraphCache
 from models.glm4voice.batching import left_padded
+from models.glm4voice.prefix_cache import PrefixCache, gather_kv
 from models.lm import LMStepper
 from models.lm.fused_step import FusedDecodeStep
 
@@ -74,10 +77,16 @@ class StaticCacheConfig:
     # Step and prefill through `FusedDecodeStep` (about half the kernels of transformers'
     # layers); False keeps transformers' forward.
     fused: bool = True
+    # Ids whose keys/values are kept after their sequences leave (`PrefixCache`), so a
+    # prompt that continues a stored conversation prefills only its new ids; 0 turns it
+    # off. Needs the fused path. 16384 ids take 0.67 GB in bf16 for GLM-4-Voice-9B.
+    prefix_cache_ids: int = 16_384
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_len < 2 or self.min_columns < 1:
             raise ValueError("need max_batch >= 1, max_len >= 2 and min_columns >= 1")
+        if self.prefix_cache_ids < 0:
+            raise ValueError("prefix_cache_ids must be >= 0")
 
     @property
     def column_spans(self) -> list[int]:
@@ -168,6 +177,12 @@ class StaticKVBatch:
         self._slot_of: dict[Hashable, int] = {}
         self._cursor = 0  # the next column written by a step
         self.fused = FusedDecodeStep(model) if self.config.fused else None
+        self._ids: list[list[int]] = [[] for _ in range(rows)]  # the ids in each slot
+        self.prefixes = (
+            PrefixCache(self.config.prefix_cache_ids)
+            if self.fused is not None and self.config.prefix_cache_ids
+            else None
+        )
         self._step_fn: StepFn = self._forward
         self.mode: StepMode = "plain"
 
@@ -231,12 +246,14 @@ class StaticKVBatch:
                 f"all {self.config.max_batch} rows of the static KV cache are in use"
             )
         slots = free[: len(prompts)]
-        if self.fused is not None:
-            logits = self._fused_prefill([prompt for _, prompt in prompts], slots)
+        ids = [list(prompt) for _, prompt in prompts]
+        if self.fused is None:
+            logits = list(self._transformers_prefill(ids, slots))
         else:
-            logits = self._transformers_prefill([prompt for _, prompt in prompts], slots)
+            logits = self._prefill_with_prefixes(ids, slots)
         for (key, prompt_ids), slot in zip(prompts, slots, strict=True):
             length = len(prompt_ids)
+            self._ids[slot] = list(prompt_ids)
             self._valid[slot] = False
             self._valid[slot, :length] = True
             self._bias[slot].fill_(self._hidden)
@@ -244,7 +261,7 @@ class StaticKVBatch:
             self._lengths[slot] = length
             self._slot_of[key] = slot
             self._cursor = max(self._cursor, length)
-        return list(logits)
+        return logits
 
     def step(self, keys: Sequence[Hashable], tokens: Sequence[int]) -> torch.Tensor:
         if len(set(keys)) != len(keys):
@@ -280,14 +297,17 @@ class StaticKVBatch:
             self._bias[left_out, cursor] = self._hidden
         self._valid[slots, cursor] = True
         self._cursor += 1
-        for slot in slots:
+        for slot, token in zip(slots, tokens, strict=True):
             self._lengths[slot] += 1
+            self._ids[slot].append(int(token))
         return logits
 
     def release(self, key: Hashable) -> None:
         slot = self._slot_of.pop(key, None)
         if slot is None:
             return
+        self._store_prefix(slot)
+        self._ids[slot] = []
         self._valid[slot] = False
         self._bias[slot].fill_(self._hidden)
         self._lengths[slot] = 0
@@ -343,8 +363,50 @@ class StaticKVBatch:
         )
         return out.logits[:, -1].float()
 
-    def _fused_prefill(self, prompts: Sequence[Sequence[int]], slots: list[int]) -> torch.Tensor:
-        """The fused prefill of the right-padded prompts, written straight into the slots."""
+    def _prefill_with_prefixes(
+        self, prompts: list[list[int]], slots: list[int]
+    ) -> list[torch.Tensor]:
+        """Fused prefill: a prompt that continues a stored prefix takes its keys/values and
+        prefills the rest on its own; the other prompts are prefilled together."""
+        logits: list[torch.Tensor | None] = [None] * len(prompts)
+        fresh = []
+        for index, (prompt, slot) in enumerate(zip(prompts, slots, strict=True)):
+            stored, length = (None, 0) if self.prefixes is None else self.prefixes.match(prompt)
+            if stored is None:
+                fresh.append(index)
+                continue
+            for layer, kv in enumerate(self.cache.kv):
+                kv[slot, :, :length] = stored[layer]
+            logits[index] = self._fused_prefill([prompt[length:]], [slot], start=length)[0]
+            logger.debug("prefill reused %d of %d prompt ids", length, len(prompt))
+        if fresh:
+            rows = self._fused_prefill([prompts[i] for i in fresh], [slots[i] for i in fresh])
+            for index, row in zip(fresh, rows, strict=True):
+                logits[index] = row
+        return logits  # type: ignore[return-value]
+
+    def _store_prefix(self, slot: int) -> None:
+        """Keep a leaving sequence's ids and keys/values for a prompt that continues them."""
+        ids = self._ids[slot]
+        if self.prefixes is None or len(ids) < self.prefixes.min_match:
+            return
+        columns = self._valid[slot].nonzero().squeeze(-1)
+        if columns.numel() != len(ids):  # bookkeeping out of step: store nothing
+            logger.warning("slot %d holds %d columns for %d ids", slot, columns.numel(), len(ids))
+            return
+        try:
+            with torch.inference_mode():
+                kv = gather_kv(self.cache.kv, slot, columns.to(self._bias.device))
+        except torch.OutOfMemoryError:
+            logger.warning("no memory to keep a prefix of %d ids", len(ids))
+            return
+        self.prefixes.store(ids, kv)
+
+    def _fused_prefill(
+        self, prompts: Sequence[Sequence[int]], slots: list[int], start: int = 0
+    ) -> torch.Tensor:
+        """The fused prefill of the right-padded prompts, written straight into the slots
+        (at columns from `start`, after a restored prefix of that many ids)."""
         assert self.fused is not None
         width = max(len(prompt) for prompt in prompts)
         host = torch.zeros((len(prompts), width + 2), dtype=torch.long, pin_memory=self._pin)
@@ -356,7 +418,7 @@ class StaticKVBatch:
         inputs = host.to(self._bias.device, non_blocking=True)
         with torch.inference_mode():
             return self.fused.prefill(
-                inputs[:, :width], inputs[:, width], self.cache.kv, inputs[:, width + 1]
+                inputs[:, :width], inputs[:, width], self.cache.kv, inputs[:, width + 1], start
             )
 
     def _transformers_prefill(

@@ -224,34 +224,58 @@ class FusedDecodeStep:
         return self._logits(hidden)
 
     def prefill(
-        self, token_ids: Tensor, lengths: Tensor, kv: Sequence[Tensor], slots: Tensor
+        self,
+        token_ids: Tensor,
+        lengths: Tensor,
+        kv: Sequence[Tensor],
+        slots: Tensor,
+        start: int = 0,
     ) -> Tensor:
         """Prompts `token_ids` [rows, T], right-padded (row r's `lengths[r]` real ids first),
-        from an empty cache: writes their keys/values into the first T columns of the cache
-        rows `slots` [rows] (columns past a row's length get junk, for a mask to hide) and
-        returns the logits [rows, vocab] after each row's last real id.
+        into the cache rows `slots` [rows] at columns `start` to `start + T` (columns past a
+        row's length get junk, for a mask to hide); returns the logits [rows, vocab] after
+        each row's last real id.
 
-        Padding sits after the real ids, so causal attention alone keeps it out of them.
+        With `start` 0 the rows begin empty, and causal attention alone keeps the padding
+        (after the real ids) out of them. With `start` > 0 one row continues the `start`
+        ids its cache row already holds in columns 0 to `start` (positions go on from there).
         """
         rows, width = token_ids.shape
+        if start and rows != 1:
+            raise ValueError("only one row at a time continues a cached prefix")
         heads, groups, dim = self.heads, self.kv_heads, self.head_dim
         q_width = heads * dim
         hidden = F.embedding(token_ids, self.model.model.embed_tokens.weight)
-        positions = torch.arange(width, device=token_ids.device)
-        cos, signed_sin = self._rotary_tables(positions)  # [width, 1, rotary_dim]
+        device = token_ids.device
+        columns = torch.arange(start, start + width, device=device)
+        cos, signed_sin = self._rotary_tables(columns)  # [width, 1, rotary_dim]
+        # with a prefix: query i (column start + i) sees columns up to start + i
+        visible = torch.arange(start + width, device=device) <= columns[:, None] if start else None
         for w, cache in zip(self._layers, kv, strict=True):
             qkv = w.qkv(self._norm(hidden, w.norm1, w.eps1))
             self._rotate_qk(qkv, cos, signed_sin)
             new_kv = qkv[..., q_width:].view(rows, width, 2 * groups, dim).transpose(1, 2)
-            cache[:, :, :width].index_copy_(0, slots, new_kv)
-            attended = F.scaled_dot_product_attention(
-                qkv[..., :q_width].view(rows, width, heads, dim).transpose(1, 2),
-                new_kv[:, :groups],
-                new_kv[:, groups:],
-                is_causal=True,
-                scale=self.scale,
-                enable_gqa=True,
-            )
+            cache[:, :, start : start + width].index_copy_(0, slots, new_kv)
+            query = qkv[..., :q_width].view(rows, width, heads, dim).transpose(1, 2)
+            if visible is None:
+                attended = F.scaled_dot_product_attention(
+                    query,
+                    new_kv[:, :groups],
+                    new_kv[:, groups:],
+                    is_causal=True,
+                    scale=self.scale,
+                    enable_gqa=True,
+                )
+            else:  # every key/value head repeated for its query heads (one row, once per turn)
+                table = cache[:, :, : start + width].index_select(0, slots)
+                table = table.repeat_interleave(heads // groups, dim=1)
+                attended = F.scaled_dot_product_attention(
+                    query,
+                    table[:, :heads],
+                    table[:, heads:],
+                    attn_mask=visible,
+                    scale=self.scale,
+                )
             hidden = self._mlp_half(hidden, attended.transpose(1, 2).reshape(rows, width, -1), w)
-        last = hidden[torch.arange(rows, device=hidden.device), lengths - 1]
+        last = hidden[torch.arange(rows, device=device), lengths - 1]
         return self._logits(last)
