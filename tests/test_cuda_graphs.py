@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from models.cuda_graphs import CudaGraphCache
 from models.decoder import StreamingConfig, StreamingDecoder
 from models.decoder.quality import log_mel_distance
+from models.decoder.streaming import GRAPH_PARTS
 from models.decoder.tiny import write_tiny_decoder
 from models.glm4voice.static_batch import StaticCacheConfig, StaticKVBatch
 from models.lm import LMStepper, build_random_lm
@@ -60,11 +63,17 @@ def test_graph_steps_give_the_plain_static_steps_logits():
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
 
 
-def _decode(decoder_dir, graphs: bool, codes: list[list[int]]) -> list[torch.Tensor]:
-    """Each stream's audio [1, S], its 10-token blocks decoded together (the last one short)."""
-    config = StreamingConfig(cuda_graphs=graphs)
+def _decode(
+    decoder_dir,
+    parts: tuple[str, ...],
+    codes: list[list[int]],
+    config: StreamingConfig | None = None,
+) -> tuple[list[torch.Tensor], StreamingDecoder]:
+    """Each stream's audio [1, S], its 10-token blocks decoded together (the last one short),
+    with `parts` replayed as CUDA graphs (none: the plain decoder)."""
+    config = replace(config or StreamingConfig(), cuda_graphs=bool(parts), cuda_graph_parts=parts)
     decoder = StreamingDecoder.from_pretrained(decoder_dir, device="cuda", config=config)
-    assert decoder.uses_cuda_graphs == graphs
+    assert decoder.graphed_parts == parts
     streams = [decoder.new_stream(seed) for seed in range(len(codes))]
     chunks: list[list[torch.Tensor]] = [[] for _ in codes]
     length = len(codes[0])
@@ -75,28 +84,56 @@ def _decode(decoder_dir, graphs: bool, codes: list[list[int]]) -> list[torch.Ten
         ]
         for out, chunk in zip(chunks, decoder.decode_many(requests), strict=True):
             out.append(chunk)
-    assert decoder.uses_cuda_graphs == graphs  # no fallback happened
-    return [torch.cat(parts, dim=-1) for parts in chunks]
+    assert decoder.graphed_parts == parts  # no fallback happened
+    for part in parts:
+        assert decoder._graphs[part].recorded > 0, part
+    return [torch.cat(pieces, dim=-1) for pieces in chunks], decoder
 
 
+PARTS = [("sampler",), ("encoder",), ("vocoder",), GRAPH_PARTS]
+
+
+@pytest.mark.parametrize("parts", PARTS, ids=lambda parts: "+".join(parts))
 @pytest.mark.parametrize("streams", [1, 2])
-def test_the_graphed_flow_sampler_gives_the_plain_samplers_audio(tmp_path, streams):
-    """Batches of a bucket's own size: the replay runs the plain call's kernels."""
+def test_graphed_parts_give_the_plain_audio(tmp_path, streams, parts):
+    """Batches of a bucket's own size: the replay runs the plain call's kernels. 45 tokens
+    with an encoder cache of 20: the cache is trimmed from the third block on."""
     decoder_dir = write_tiny_decoder(tmp_path)
     gen = torch.Generator().manual_seed(2)
     codes = torch.randint(0, 4096, (streams, 45), generator=gen).tolist()
-    plain, graphed = _decode(decoder_dir, False, codes), _decode(decoder_dir, True, codes)
+    config = StreamingConfig(encoder_cache_tokens=20)
+    plain, _ = _decode(decoder_dir, (), codes, config)
+    graphed, _ = _decode(decoder_dir, parts, codes, config)
     for want, got in zip(plain, graphed, strict=True):
+        assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
 
 
-def test_a_filled_up_batch_sounds_like_the_plain_one(tmp_path):
+@pytest.mark.parametrize("parts", PARTS, ids=lambda parts: "+".join(parts))
+def test_a_filled_up_batch_sounds_like_the_plain_one(tmp_path, parts):
     """Three streams run in a bucket of four: only float rounding may differ (the vocoder's
     sine phase integrates it, so samples drift apart while the spectrum stays put)."""
     decoder_dir = write_tiny_decoder(tmp_path)
     gen = torch.Generator().manual_seed(3)
     codes = torch.randint(0, 4096, (3, 40), generator=gen).tolist()
-    plain, graphed = _decode(decoder_dir, False, codes), _decode(decoder_dir, True, codes)
+    plain, _ = _decode(decoder_dir, (), codes)
+    graphed, _ = _decode(decoder_dir, parts, codes)
     for want, got in zip(plain, graphed, strict=True):
         assert got.shape == want.shape
         assert log_mel_distance(got.cpu(), want.cpu()).overall < 0.05
+
+
+def test_steady_blocks_replay_the_recorded_graphs(tmp_path):
+    """Past the encoder cache's bound, a second answer of the same length records nothing
+    new: every full block replays a graph of the first answer."""
+    decoder_dir = write_tiny_decoder(tmp_path)
+    config = StreamingConfig(encoder_cache_tokens=20)
+    decoder = StreamingDecoder.from_pretrained(decoder_dir, device="cuda", config=config)
+    codes = torch.randint(0, 4096, (1, 80), generator=torch.Generator().manual_seed(4))
+    first, _ = decoder.decode(codes)
+    recorded = {part: decoder._graphs[part].recorded for part in GRAPH_PARTS}
+    assert all(recorded.values())
+    second, _ = decoder.decode(codes)
+    assert {part: decoder._graphs[part].recorded for part in GRAPH_PARTS} == recorded
+    assert decoder.graphed_parts == GRAPH_PARTS
+    torch.testing.assert_close(second, first, atol=0, rtol=0)  # same seed, same kernels

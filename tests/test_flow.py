@@ -285,3 +285,37 @@ def test_randomized_weights_are_reproducible_from_the_seed(tiny_dir: Path) -> No
     assert all(torch.equal(a[k], b[k]) for k in a)
     written = torch.load(tiny_dir / "flow.pt", weights_only=True)
     assert not torch.equal(written["encoder_proj.weight"], a["encoder_proj.weight"])
+
+
+@pytest.mark.parametrize("trim", [None, 20, 25])
+def test_encode_next_equals_encode_chunk_for_any_cache(
+    tiny_model: FlowDecoder, trim: int | None
+) -> None:
+    """The cache as bare tensors (no positions, no host reads) gives `encode_chunk`'s
+    features and keys/values bit for bit, also once the cache is trimmed (to a size that is
+    not a whole number of blocks: 25)."""
+    block = tiny_model.cfg.encoder.block_size
+    gen = torch.Generator().manual_seed(25)
+    tokens = torch.randint(0, 16384, (1, 6 * block + 4), generator=gen)
+    cache = None
+    with torch.no_grad():
+        for start in range(0, tokens.shape[1], block):
+            token = tokens[:, start : start + block]
+            keys = cache.keys if cache is not None else []
+            values = cache.values if cache is not None else []
+            want, extended = tiny_model.encode_chunk(token, cache)
+            got, got_keys, got_values = tiny_model.encode_next(token, keys, values)
+            assert torch.equal(got, want)
+            assert all(torch.equal(a, b) for a, b in zip(got_keys, extended.keys, strict=True))
+            assert all(torch.equal(a, b) for a, b in zip(got_values, extended.values, strict=True))
+            cache = extended if trim is None else extended.trim(trim)
+    assert cache is not None and (trim is None or cache.start > 0)
+
+
+def test_regulate_equals_the_masked_length_regulator(tiny_model: FlowDecoder) -> None:
+    h = torch.randn(2, 30, MEL_BINS, generator=torch.Generator().manual_seed(26))
+    with torch.no_grad():
+        masked, _ = tiny_model.length_regulator(h, torch.tensor([207, 207]))
+        got = tiny_model.regulate(h, 207)
+    assert got.shape == (2, MEL_BINS, 207)
+    assert torch.equal(got, masked.transpose(1, 2))

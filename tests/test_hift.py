@@ -174,3 +174,30 @@ def test_config_rejects_inconsistent_stage_lists() -> None:
         HiFTConfig(source_resblock_kernel_sizes=(7,))
     with pytest.raises(ValueError, match="upsample"):
         HiFTConfig(upsample_kernel_sizes=(16,))
+
+
+@pytest.mark.parametrize(("batch", "n_frames"), [(1, N_FRAMES), (3, 5)])
+def test_unchecked_istft_and_decode_give_torch_istfts_numbers(
+    tiny_hift: HiFTGenerator, batch: int, n_frames: int
+) -> None:
+    """The overlap-add without torch.istft's host-side check (what a CUDA graph can record)
+    computes the same numbers, bit for bit."""
+    gen = torch.Generator().manual_seed(batch)
+    conv_post_out = 2 * torch.randn(
+        batch, 2 * tiny_hift.config.n_bins, 64 * n_frames + 1, generator=gen
+    )
+    checked = tiny_hift.istft(conv_post_out)
+    unchecked = tiny_hift.istft(conv_post_out, checked=False)
+    assert unchecked.shape == checked.shape == (batch, 256 * n_frames)
+    assert torch.equal(unchecked, checked)
+    mel = torch.cat([_mel(n_frames, seed=s) for s in range(batch)])
+    source = torch.randn(batch, 1, 256 * n_frames, generator=gen).tanh()
+    assert torch.equal(tiny_hift.decode(mel, source, checked=False), tiny_hift.decode(mel, source))
+
+
+def test_source_repeats_each_frames_f0_over_its_samples(tiny_hift: HiFTGenerator) -> None:
+    f0 = torch.tensor([[0.0, 120.0, 240.0], [90.0, 0.0, 300.0]])
+    hop = tiny_hift.config.upsample_factor
+    draws = tiny_hift.draw(2, 3 * hop, torch.Generator().manual_seed(5))
+    want = tiny_hift.m_source(f0.repeat_interleave(hop, dim=-1)[:, None, :], draws)
+    assert torch.equal(tiny_hift.source_from_f0(f0, draws), want)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.decoder import (
     DEMO_BLOCK_SIZES,
@@ -21,6 +23,7 @@ from models.decoder.quality import log_mel_distance
 from models.decoder.streaming import StreamingConfig, StreamingDecoder
 from models.decoder.tiny import write_tiny_decoder
 from models.flow import FlowDecoder, mel_frames_for_tokens
+from models.glm4voice.brain import GLM4VoiceBrain, ReplyDecoder
 from models.hift import HiFTGenerator, SourceDraws
 from models.hift.tiny import tiny_hift_yaml_section, write_tiny_hift
 
@@ -366,16 +369,35 @@ def test_decode_many_refuses_one_stream_twice(fast_decoder: StreamingDecoder) ->
 
 
 class _RecordingStandIn:
-    """Stands in for the CUDA graph cache on the CPU: runs the plain sampler, notes batches."""
+    """Stands in for the CUDA graph cache on the CPU: runs the plain function, notes batches.
 
-    def __init__(self, decoder: StreamingDecoder, fail: bool = False) -> None:
-        self.decoder, self.fail, self.batches = decoder, fail, []
+    Installed where a CUDA device installs a `CudaGraphCache` of the part's function; like
+    the cache, it returns a buffer that the next call may overwrite (the caller must copy)."""
+
+    def __init__(self, fn: Callable[..., Tensor], fail: bool = False) -> None:
+        self.fn, self.fail = fn, fail
+        self.batches: list[int] = []
+        self.shapes: list[tuple[tuple[int, ...], ...]] = []
+        self.inputs: list[tuple[Tensor, ...]] = []
+        self._buffer: Tensor | None = None
 
     def __call__(self, *inputs: Tensor) -> Tensor:
         self.batches.append(int(inputs[0].shape[0]))
+        self.shapes.append(tuple(tuple(x.shape) for x in inputs))
+        self.inputs.append(inputs)
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
-        return self.decoder._sampler(*inputs)
+        if self._buffer is not None:
+            self._buffer.fill_(float("nan"))  # what the caller did not copy is gone
+        self._buffer = self.fn(*inputs)
+        return self._buffer
+
+
+def _install(decoder: StreamingDecoder, part: str, fail: bool = False) -> _RecordingStandIn:
+    """What a CUDA device sets up for `part`, on the CPU."""
+    stand_in = _RecordingStandIn(decoder._plain[part], fail)
+    decoder._graphs[part] = stand_in  # type: ignore[assignment]
+    return stand_in
 
 
 def _three_streams(decoder: StreamingDecoder) -> list[Tensor]:
@@ -397,8 +419,7 @@ def test_graphed_sampler_batches_are_filled_to_a_bucket_and_short_blocks_run_pla
 ) -> None:
     plain = _three_streams(StreamingDecoder.from_pretrained(tiny_folder))
     decoder = StreamingDecoder.from_pretrained(tiny_folder)
-    stand_in = _RecordingStandIn(decoder)
-    decoder._sampler_graphs = stand_in  # what a CUDA device sets up
+    stand_in = _install(decoder, "sampler")
     graphed = _three_streams(decoder)
     assert stand_in.batches == [4, 4]  # full blocks only, three streams filled up to four
     for want, got in zip(plain, graphed, strict=True):
@@ -408,9 +429,168 @@ def test_graphed_sampler_batches_are_filled_to_a_bucket_and_short_blocks_run_pla
 def test_a_failing_sampler_graph_falls_back_to_plain_sampling_for_good(tiny_folder: Path) -> None:
     plain = _three_streams(StreamingDecoder.from_pretrained(tiny_folder))
     decoder = StreamingDecoder.from_pretrained(tiny_folder)
-    stand_in = _RecordingStandIn(decoder, fail=True)
-    decoder._sampler_graphs = stand_in
+    stand_in = _install(decoder, "sampler", fail=True)
     graphed = _three_streams(decoder)
     assert stand_in.batches == [4] and not decoder.uses_cuda_graphs  # tried once
     for want, got in zip(plain, graphed, strict=True):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
+
+
+# ----- the encoder and the vocoder as CUDA graphs (stand-ins on the CPU) ------------------
+
+SHORT_CACHE = StreamingConfig(encoder_cache_tokens=20)  # the encoder cache trims from block 3
+
+
+def _together(decoder: StreamingDecoder, n_streams: int, sizes: list[int]) -> list[Tensor]:
+    """Streams decoded together, handed their tokens in blocks of `sizes` (the last final)."""
+    total = sum(sizes)
+    tokens = [_tokens(total, seed=30 + i) for i in range(n_streams)]
+    streams = [decoder.new_stream(40 + i) for i in range(n_streams)]
+    parts: list[list[Tensor]] = [[] for _ in range(n_streams)]
+    start = 0
+    for size in sizes:
+        end = start + size
+        requests = [
+            (s, t[0, start:end].tolist(), end == total)
+            for s, t in zip(streams, tokens, strict=True)
+        ]
+        for out, speech in zip(parts, decoder.decode_many(requests), strict=True):
+            out.append(speech)
+        start = end
+    return [torch.cat(p, dim=-1) for p in parts]
+
+
+def _assert_same_audio(got: list[Tensor], want: list[Tensor]) -> None:
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("part", ["encoder", "sampler", "vocoder"])
+def test_a_graphed_part_gives_exactly_the_plain_audio_for_full_buckets(
+    tiny_folder: Path, part: str
+) -> None:
+    """Two streams (a full bucket): four full blocks through the part's graph, the short
+    final block plainly; the audio is the plain decoder's, sample for sample."""
+    sizes = [10, 10, 10, 10, 5]
+    plain = _together(StreamingDecoder.from_pretrained(tiny_folder, config=SHORT_CACHE), 2, sizes)
+    decoder = StreamingDecoder.from_pretrained(tiny_folder, config=SHORT_CACHE)
+    stand_in = _install(decoder, part)
+    _assert_same_audio(_together(decoder, 2, sizes), plain)
+    assert decoder.graphed_parts == (part,)
+    if part == "encoder":  # per stream; the cache grows, then stays trimmed at 20 positions
+        assert stand_in.batches == [1] * 8
+        cache_sizes = [shapes[1][2] if len(shapes) > 1 else 0 for shapes in stand_in.shapes]
+        assert cache_sizes == [0, 0, 10, 10, 20, 20, 20, 20]
+        assert all(shapes[0] == (1, 10) for shapes in stand_in.shapes)
+    else:
+        assert stand_in.batches == [2] * 4
+    if part == "vocoder":  # the first call starts the sine phases; later ones continue them
+        assert [len(shapes) for shapes in stand_in.shapes] == [5, 6, 6, 6]
+        lengths = [shapes[0][-1] for shapes in stand_in.shapes]
+        first = mel_frames_for_tokens(10) - decoder.config.lookahead_frames
+        assert lengths[0] == first
+        steady = decoder.config.vocoder_context_frames + np.diff(
+            [mel_frames_for_tokens(n) for n in (10, 20, 30, 40)]
+        )
+        assert lengths[1:] == steady.tolist()
+
+
+def test_graphed_parts_fill_batches_to_a_bucket_and_run_the_final_block_plainly(
+    tiny_folder: Path,
+) -> None:
+    """Three streams: every part's graph sees batches of four (the encoder's: one stream);
+    the filled-up rows change float rounding only."""
+    plain = _three_streams(StreamingDecoder.from_pretrained(tiny_folder))
+    decoder = StreamingDecoder.from_pretrained(tiny_folder)
+    stand_ins = {part: _install(decoder, part) for part in ("encoder", "sampler", "vocoder")}
+    graphed = _three_streams(decoder)
+    assert stand_ins["encoder"].batches == [1] * 6  # two full blocks of three streams
+    assert stand_ins["sampler"].batches == [4, 4]
+    assert stand_ins["vocoder"].batches == [4, 4]
+    for inputs in stand_ins["sampler"].inputs + stand_ins["vocoder"].inputs:
+        for x in inputs:  # the filled-up row is a copy of the first
+            assert x.shape[0] == 4 and torch.equal(x[3], x[0])
+    for want, got in zip(plain, graphed, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("part", ["encoder", "sampler", "vocoder"])
+def test_a_failing_graph_runs_its_part_plainly_for_good_with_the_plain_audio(
+    tiny_folder: Path, part: str
+) -> None:
+    sizes = [10, 10, 10, 7]
+    plain = _together(StreamingDecoder.from_pretrained(tiny_folder), 2, sizes)
+    decoder = StreamingDecoder.from_pretrained(tiny_folder)
+    stand_ins = {p: _install(decoder, p, fail=p == part) for p in ("encoder", "sampler", "vocoder")}
+    _assert_same_audio(_together(decoder, 2, sizes), plain)
+    assert len(stand_ins[part].batches) == 1  # tried once, then plain calls
+    assert part not in decoder.graphed_parts and len(decoder.graphed_parts) == 2
+    others = [stand_in for p, stand_in in stand_ins.items() if p != part]
+    assert all(len(stand_in.batches) >= 3 for stand_in in others)  # still graphed
+
+
+_COMPOSITE = torch._C.DispatchKey.CompositeImplicitAutograd
+
+
+class _HostReads(TorchDispatchMode):
+    """Notes the ops that read tensor values on the host or make tensors of host data:
+    what a CUDA graph capture cannot record."""
+
+    FORBIDDEN = ("_local_scalar_dense", "equal", "item", "is_nonzero", "lift_fresh", "nonzero")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in self.FORBIDDEN:
+            self.seen.append(name)
+        # In inference mode composite ops (istft, ...) arrive whole: run their C++ composite
+        # kernel with this mode on, so that the ops inside are seen too.
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), _COMPOSITE):
+            with self:
+                return func._op_dk(_COMPOSITE, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _host_reads(fn: Callable[..., Tensor], inputs: tuple[Tensor, ...]) -> list[str]:
+    with torch.inference_mode(), _HostReads() as mode:
+        fn(*inputs)
+    return mode.seen
+
+
+def test_the_graphed_functions_read_nothing_on_the_host(tiny_folder: Path) -> None:
+    decoder = StreamingDecoder.from_pretrained(tiny_folder, config=SHORT_CACHE)
+    stand_ins = {part: _install(decoder, part) for part in ("encoder", "sampler", "vocoder")}
+    _together(decoder, 1, [10, 10, 10, 10, 3])
+    inputs = {part: stand_in.inputs for part, stand_in in stand_ins.items()}
+    for part, calls in inputs.items():
+        for call in (calls[0], calls[-1]):  # the first block and a steady one
+            assert _host_reads(decoder._plain[part], call) == [], part
+    # The detector sees what the plain vocoder's torch.istft reads on the host.
+    mel, *_ = inputs["vocoder"][-1]
+    source = torch.zeros(1, 1, mel.shape[-1] * 256)
+    assert "equal" in _host_reads(lambda m, s: decoder.hift.decode(m, s), (mel, source))
+    token, *_ = inputs["encoder"][0]  # and the lengths tensor `encode_chunk` makes
+    assert "lift_fresh" in _host_reads(lambda t: decoder.flow.encode_chunk(t)[0], (token,))
+
+
+def test_the_warm_up_records_every_steady_graph_of_a_stream(tiny_folder: Path) -> None:
+    """With graphs, the brain's decoder warm-up runs one answer alone until the encoder cache
+    is at its bound, and shorter answers in every bucket up to the batch limit."""
+    config = StreamingConfig(encoder_cache_tokens=50)  # bounded from the sixth block on
+    decoder = StreamingDecoder.from_pretrained(tiny_folder, config=config)
+    stand_ins = {part: _install(decoder, part) for part in ("encoder", "sampler", "vocoder")}
+    brain = GLM4VoiceBrain.__new__(GLM4VoiceBrain)  # only what `_warm_decoder` reads
+    brain.reply_decoder = ReplyDecoder(decoder)
+    brain.block_tokens, brain.batch_decoder, brain.max_sequences = 10, True, None
+    brain._warm_decoder(max_batch=4)
+    warmed = {part: set(stand_in.shapes) for part, stand_in in stand_ins.items()}
+    assert set(stand_ins["sampler"].batches) == set(stand_ins["vocoder"].batches) == {1, 2, 4}
+    # A long answer afterwards: its encoder graphs (per stream) were all recorded.
+    stand_ins["encoder"].shapes.clear()
+    _together(decoder, 3, [10] * 8 + [4])
+    assert set(stand_ins["encoder"].shapes) <= warmed["encoder"]
+    assert decoder.steady_after_blocks == 6

@@ -27,18 +27,36 @@ its classifier-free guidance) and the vocoder as one batch wherever the shapes a
 window tokens, frames and prompt frames; same vocoder input length). Blocks are never padded:
 the flow's group norms and the vocoder's convolutions would see the padding, so grouping equal
 shapes is what keeps a batched stream's audio equal to the audio it gets alone.
+
+On CUDA, small-batch decoding is bound by launching kernels, so the work of full blocks runs
+as CUDA graphs (`models.cuda_graphs.CudaGraphCache`), in three parts, each a pure function of
+tensors whose shapes repeat from block to block:
+
+* encoder (`_encoder_pass`, batch 1 per stream): the block's tokens and the stream's key/value
+  cache -> features and the cache after the block, trimmed (one graph per cache size: the
+  cache grows for the first blocks, then keeps `encoder_cache_tokens` positions);
+* sampler (`_flow_pass`): window features, prompt mel, noise -> mel, the length regulator
+  (per window) and all sampler steps included;
+* vocoder (`_vocoder_pass`): mel, the settled f0 to keep, sine phases, noise and start phases
+  -> audio and the f0 used (predict_f0, the splice of settled f0, source, HiFT filter).
+
+Random numbers are drawn outside, from each stream's generator, in the order of the plain
+path. Short and final blocks run plainly; a graph that fails once is given up for good
+(`_replay`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from models.cuda_graphs import CudaGraphCache
@@ -50,6 +68,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["BlockRequest", "FastStream", "StreamingConfig", "StreamingDecoder"]
 
 FRAMES_PER_TOKEN = 22050 / 256 / 12.5  # 6.89 mel frames per 12.5 Hz token
+GRAPH_PARTS = ("encoder", "sampler", "vocoder")  # the parts that can replay CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -68,11 +87,13 @@ class StreamingConfig:
     vocoder_crossfade_frames: int = 2  # old -> new cross-fade at the start of the held part
     n_timesteps: int = 10  # Euler steps of the flow sampler (reference: 10)
     seed: int = 42  # per-stream generator seed (noise and sine phases)
-    # On CUDA, replay the flow sampler (all its estimator calls) as CUDA graphs, one per
-    # window shape and batch bucket, for full blocks (a short last block runs plainly).
+    # On CUDA, replay the work of full blocks as CUDA graphs, one per input shape and batch
+    # bucket: the encoder (per stream), the sampler (length regulator and all its estimator
+    # calls) and the vocoder (f0, source and filter). Short and final blocks run plainly.
     # Batches are filled up to a power of two with copies of their first row: no other row's
     # result depends on them, though a different batch size can change float rounding.
     cuda_graphs: bool = True
+    cuda_graph_parts: tuple[str, ...] = GRAPH_PARTS  # which of GRAPH_PARTS to replay
 
     def __post_init__(self) -> None:
         if min(self.block_tokens, self.n_timesteps, self.encoder_cache_tokens) < 1:
@@ -85,6 +106,9 @@ class StreamingConfig:
             raise ValueError("need 0 < vocoder_holdback_frames <= vocoder_context_frames")
         if not 0 < self.vocoder_crossfade_frames <= self.vocoder_holdback_frames:
             raise ValueError("need 0 < vocoder_crossfade_frames <= vocoder_holdback_frames")
+        unknown = set(self.cuda_graph_parts) - set(GRAPH_PARTS)
+        if unknown:
+            raise ValueError(f"unknown cuda_graph_parts {sorted(unknown)}; known: {GRAPH_PARTS}")
 
 
 @dataclass
@@ -153,10 +177,17 @@ def _groups(keys: Sequence[Hashable]) -> list[list[int]]:
     return list(grouped.values())
 
 
+@functools.lru_cache(maxsize=64)
 def _raised_cosine(n: int, device: torch.device | None = None) -> Tensor:
-    """Fade-in weights 0 -> 1 over n points (excluding both ends), float32."""
+    """Fade-in weights 0 -> 1 over n points (excluding both ends), float32. Cached (one copy
+    to the device per length); read-only."""
     t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     return (0.5 - 0.5 * torch.cos(math.pi * t)).float().to(device)
+
+
+def _bucket(rows: int) -> int:
+    """The power of two a batch of `rows` is filled up to for a CUDA graph."""
+    return 1 << (rows - 1).bit_length()
 
 
 class StreamingDecoder:
@@ -183,9 +214,19 @@ class StreamingDecoder:
         with torch.no_grad():
             zeros = torch.zeros(1, flow.cfg.spk_embed_dim, device=self._device, dtype=self._dtype)
             self._spks = flow.speaker_projection(zeros)  # GLM-4-Voice uses a zero x-vector
-        self._sampler_graphs: CudaGraphCache | None = None
+        self._plain: dict[str, Callable[..., Tensor]] = {
+            "encoder": self._encoder_pass,
+            "sampler": self._flow_pass,
+            "vocoder": self._vocoder_pass,
+        }
+        # Where a part replays CUDA graphs; None: it runs plainly (a CPU, or a failed graph).
+        self._graphs: dict[str, CudaGraphCache | None] = dict.fromkeys(GRAPH_PARTS)
         if self.config.cuda_graphs and self._device.type == "cuda":
-            self._sampler_graphs = CudaGraphCache(self._sampler, max_graphs=48, warm_up_runs=1)
+            for part in self.config.cuda_graph_parts:
+                self._graphs[part] = CudaGraphCache(
+                    self._plain[part], max_graphs=48, warm_up_runs=1
+                )
+        self._prefixes: dict[tuple[int, int], Tensor] = {}  # see `_settled_f0`
 
     @classmethod
     def from_pretrained(
@@ -201,8 +242,24 @@ class StreamingDecoder:
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        """Whether the flow sampler replays CUDA graphs (recorded per shape on first use)."""
-        return self._sampler_graphs is not None
+        """Whether any part replays CUDA graphs (recorded per shape on first use)."""
+        return bool(self.graphed_parts)
+
+    @property
+    def graphed_parts(self) -> tuple[str, ...]:
+        """The parts (of `GRAPH_PARTS`) that replay CUDA graphs now: a part whose graph
+        failed runs plainly from then on."""
+        return tuple(part for part in GRAPH_PARTS if self._graphs[part] is not None)
+
+    @property
+    def steady_after_blocks(self) -> int:
+        """Blocks of a stream after which its full blocks have the shapes of the block
+        before (the encoder cache and the flow window have reached their bounds), up to the
+        mel frames of a block (68 or 69 for 10 tokens). A warm-up answer of this many full
+        blocks records every graph of a stream's steady state."""
+        cfg = self.config
+        reach = max(cfg.encoder_cache_tokens, cfg.context_tokens)
+        return 1 + math.ceil(reach / cfg.block_tokens)
 
     @property
     def _device(self) -> torch.device:
@@ -302,6 +359,10 @@ class StreamingDecoder:
     def _decode_block(self, stream: FastStream, block: list[int], final: bool) -> Tensor:
         return self._decode_units([_Unit(stream, block, final)])[0]
 
+    def _is_full(self, unit: _Unit) -> bool:
+        """A full block before the end of its stream: the shapes CUDA graphs are kept for."""
+        return not unit.final and len(unit.block) == self.config.block_tokens
+
     def _decode_units(self, units: Sequence[_Unit]) -> list[Tensor]:
         """Speech [1, S] of one unit per distinct stream: flow, then vocoder, each batched."""
         with_tokens = [i for i, unit in enumerate(units) if unit.block]
@@ -313,17 +374,56 @@ class StreamingDecoder:
             if frames[index] is None:  # a final flush: the provisional frames become final
                 held = unit.stream.lookahead
                 frames[index] = held.to(self._device) if held is not None else self._no_frames()
-        return self._vocode_many([unit.stream for unit in units], frames, [u.final for u in units])
+        return self._vocode_many(
+            [unit.stream for unit in units],
+            frames,
+            [u.final for u in units],
+            [self._is_full(u) for u in units],
+        )
 
     def _no_frames(self) -> Tensor:
         return torch.zeros(1, 80, 0, device=self._device, dtype=self._dtype)
 
-    def _encode(self, stream: FastStream, block: list[int], final: bool) -> Tensor:
-        token = torch.tensor([block], dtype=torch.long, device=self._device)
-        h_new, cache = self.flow.encode_chunk(token, stream.encoder_cache)
-        if not final:
-            stream.encoder_cache = cache.trim(self.config.encoder_cache_tokens)
+    def _encode(self, unit: _Unit) -> Tensor:
+        """The block's features [1, n, 80]; advances the stream's encoder cache (not final)."""
+        stream, n = unit.stream, len(unit.block)
+        token = torch.tensor([unit.block], dtype=torch.long, device=self._device)
+        cache = stream.encoder_cache
+        past: list[Tensor] = []
+        if cache is not None and cache.length > cache.start:
+            past = [t for pair in zip(cache.keys, cache.values, strict=True) for t in pair]
+        packed = self._replay("encoder", (token, *past), self._is_full(unit))[0]
+        enc = self.flow.cfg.encoder
+        width = self.flow.cfg.output_size
+        h_new = packed[: n * width].view(1, n, width)
+        rest = packed[n * width :]
+        per_position = 2 * enc.num_blocks * enc.attention_heads * enc.head_dim
+        held = rest.numel() // per_position
+        layers = rest.view(enc.num_blocks, 2, 1, enc.attention_heads, held, enc.head_dim)
+        if not unit.final:
+            block = self.flow.encoder.block_size
+            length = (cache.length if cache is not None else 0) + n // block * block
+            stream.encoder_cache = EncoderCache(
+                keys=[layer[0] for layer in layers],
+                values=[layer[1] for layer in layers],
+                start=length - held,
+                length=length,
+            )
         return h_new
+
+    def _encoder_pass(self, token: Tensor, *past: Tensor) -> Tensor:
+        """`flow.encode_chunk` + `EncoderCache.trim` as a function of tensors (graphed).
+
+        token [1, n] ids; past: the stream's cache as keys, values of layer 0, then layer 1,
+        ... (each [1, H, S, d_k]; none for an empty cache). Returns [1, N]: the features
+        [1, n, 80], then each layer's keys and values of the cache after the block, trimmed to
+        `encoder_cache_tokens` positions, flattened (one tensor: what a graph returns)."""
+        h, keys, values = self.flow.encode_next(token, past[0::2], past[1::2])
+        limit = self.config.encoder_cache_tokens
+        parts = [h.reshape(-1)]
+        for k, v in zip(keys, values, strict=True):
+            parts += [k[:, :, -limit:].reshape(-1), v[:, :, -limit:].reshape(-1)]
+        return torch.cat(parts)[None]
 
     def _flow_blocks(self, units: Sequence[_Unit]) -> list[Tensor]:
         """Each unit's mel frames that became final [1, 80, n]: encoded one by one (a few
@@ -343,7 +443,7 @@ class StreamingDecoder:
 
     def _plan(self, unit: _Unit) -> _FlowPlan:
         stream = unit.stream
-        h_new = self._encode(stream, unit.block, unit.final)
+        h_new = self._encode(unit)
         a, b = stream.n_tokens, stream.n_tokens + len(unit.block)
         context = stream.features if stream.features is not None else h_new[:, :0]
         window = torch.cat([context, h_new], dim=1)  # (1, tokens of window, 80)
@@ -379,35 +479,49 @@ class StreamingDecoder:
     ) -> Tensor:
         """Flow sampler over windows of equal shape: mu from the token features, cond = prompt
         mel on the first frames, noise from each stream's generator. Returns [B, 80, n]."""
-        n_frames, n_prompt = plans[0].n_frames, plans[0].prompt.shape[-1]
-        # The length regulator is a small conv stack: run per window, batch the sampler.
-        mu = torch.cat([self.flow.regulate(plan.window, n_frames) for plan in plans])
-        cond = torch.zeros_like(mu)
-        cond[:, :, :n_prompt] = torch.cat([plan.prompt for plan in plans])
-        mask = torch.ones(len(plans), 1, n_frames, device=mu.device, dtype=mu.dtype)
+        n_frames = plans[0].n_frames
+        windows = torch.cat([plan.window for plan in plans])
+        prompts = torch.cat([plan.prompt for plan in plans])
         noise = torch.cat([torch.randn(1, 80, n_frames, generator=g) for g in generators])
-        spks = self._spks.expand(len(plans), -1)
-        inputs = (mu, mask, spks, cond, noise.to(mu))
         full = all(p.last_token - p.first_token == self.config.block_tokens for p in plans)
-        if self._sampler_graphs is None or not full:  # a short last block: too rare to record
-            return self._sampler(*inputs)
-        rows = len(plans)
-        bucket = 1 << (rows - 1).bit_length()
+        # a short last block: too rare to record
+        return self._replay("sampler", (windows, prompts, noise.to(windows)), full)
+
+    def _flow_pass(self, windows: Tensor, prompts: Tensor, noise: Tensor) -> Tensor:
+        """The flow from token features to mel as a function of tensors (graphed): windows
+        [B, W, 80], prompt mel [B, 80, P] of the first frames, noise [B, 80, n] -> [B, 80, n].
+        The length regulator is a small conv stack: it runs per window; the sampler batched."""
+        rows, n_frames, n_prompt = windows.shape[0], noise.shape[-1], prompts.shape[-1]
+        mu = torch.cat([self.flow.regulate(windows[i : i + 1], n_frames) for i in range(rows)])
+        cond = torch.zeros_like(mu)
+        cond[:, :, :n_prompt] = prompts
+        mask = torch.ones(rows, 1, n_frames, device=mu.device, dtype=mu.dtype)
+        spks = self._spks.expand(rows, -1)
+        return self.flow.decoder(mu, mask, spks, cond, self.config.n_timesteps, noise)
+
+    def _replay(self, part: str, inputs: tuple[Tensor, ...], full: bool) -> Tensor:
+        """`part`'s function of `inputs` (batch first) - replayed as a CUDA graph when the
+        part has graphs and the blocks are full, else called plainly.
+
+        For a graph, the batch is filled up to a power of two with copies of its first row
+        and the result (the recording's buffer) is sliced back and copied. A graph that fails
+        is logged and given up for good; the part then runs plainly, on the same inputs."""
+        graphs = self._graphs[part]
+        if graphs is None or not full:
+            return self._plain[part](*inputs)
+        rows = inputs[0].shape[0]
+        bucket = _bucket(rows)
+        filled = inputs
         if bucket > rows:  # fill the batch up with copies of its first row
-            inputs = tuple(
+            filled = tuple(
                 torch.cat([x, x[:1].expand(bucket - rows, *x.shape[1:])]) for x in inputs
             )
         try:
-            return self._sampler_graphs(*inputs)[:rows].clone()
+            return graphs(*filled)[:rows].clone()
         except Exception:
-            logger.exception("the flow sampler's CUDA graph failed: sampling plainly from now on")
-            self._sampler_graphs = None
-            return self._sampler(*(x[:rows] for x in inputs))
-
-    def _sampler(
-        self, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, noise: Tensor
-    ) -> Tensor:
-        return self.flow.decoder(mu, mask, spks, cond, self.config.n_timesteps, noise)
+            logger.exception("the %s's CUDA graph failed: running it plainly from now on", part)
+            self._graphs[part] = None
+            return self._plain[part](*inputs)
 
     @staticmethod
     def _crossfade_lookahead(mel: Tensor, lookahead: Tensor) -> Tensor:
@@ -432,9 +546,16 @@ class StreamingDecoder:
         return self._vocode_many([stream], [frames], [final])[0]
 
     def _vocode_many(
-        self, streams: Sequence[FastStream], frames: Sequence[Tensor], finals: Sequence[bool]
+        self,
+        streams: Sequence[FastStream],
+        frames: Sequence[Tensor],
+        finals: Sequence[bool],
+        full: Sequence[bool] | None = None,
     ) -> list[Tensor]:
-        """`vocode_frames` for distinct streams; one vocoder call per group of equal inputs."""
+        """`vocode_frames` for distinct streams; one vocoder call per group of equal inputs.
+        full: which streams vocode a full block (a group of full blocks only may replay a
+        CUDA graph); none when not given."""
+        full = full if full is not None else [False] * len(streams)
         mels = []
         for stream, new in zip(streams, frames, strict=True):
             context = stream.voc_mel if stream.voc_mel is not None else new[:, :, :0]
@@ -447,48 +568,100 @@ class StreamingDecoder:
                     out[index] = self._flush(streams[index], finals[index])
                 continue
             chunks = self._vocode_group(
-                [streams[i] for i in group], [mels[i] for i in group], [finals[i] for i in group]
+                [streams[i] for i in group],
+                [mels[i] for i in group],
+                [finals[i] for i in group],
+                all(full[i] for i in group),
             )
             for index, chunk in zip(group, chunks, strict=True):
                 out[index] = chunk
         return out  # type: ignore[return-value]
 
     def _vocode_group(
-        self, streams: Sequence[FastStream], mels: Sequence[Tensor], finals: Sequence[bool]
+        self,
+        streams: Sequence[FastStream],
+        mels: Sequence[Tensor],
+        finals: Sequence[bool],
+        full: bool = False,
     ) -> list[Tensor]:
-        """One batched f0/source/HiFT pass over mels of equal length [1, 80, F] each."""
+        """One batched f0/source/HiFT pass over mels of equal length [1, 80, F] each (a CUDA
+        graph replay when `full`: every row vocodes a full block)."""
         cfg, hop = self.config, self._hop
         mel = torch.cat(list(mels))  # (B, 80, F)
-        predicted = self.hift.predict_f0(mel)
-        f0 = torch.cat(
-            [self._keep_settled_f0(s, predicted[i : i + 1]) for i, s in enumerate(streams)]
-        )
-        phases = torch.cat([s.phases for s in streams])
-        noise = torch.cat([self._unit_noise(s, mel.shape[-1] * hop) for s in streams])
-        starts = (
-            None if streams[0].voc_cycles is None else torch.cat([s.voc_cycles for s in streams])
-        )  # type: ignore[misc]
-        audio = self.hift.decode(
-            mel, self.hift.source_from_f0(f0, SourceDraws(phases, noise), starts)
-        )
-        next_start = mel.shape[-1] - min(cfg.vocoder_context_frames, mel.shape[-1])
+        n_frames = mel.shape[-1]
+        settled, keep = self._settled_f0(streams, n_frames)
+        phases = torch.cat([s.phases for s in streams]).to(mel.device)
+        noise = torch.cat([self._unit_noise(s, n_frames * hop) for s in streams])
+        inputs = (mel, settled, keep, phases, noise.to(mel.device))
+        starts = None
+        if streams[0].voc_cycles is not None:
+            starts = torch.cat([s.voc_cycles for s in streams])  # type: ignore[misc]
+            inputs += (starts,)
+        out = self._replay("vocoder", inputs, full)
+        audio, f0 = out[:, : n_frames * hop], out[:, n_frames * hop :]
+        next_start = n_frames - min(cfg.vocoder_context_frames, n_frames)
+        cycles = self.hift.cycles_after(f0[:, :next_start], starts)
         speech = []
         for row, stream in enumerate(streams):
             n_ctx = stream.voc_mel.shape[-1] if stream.voc_mel is not None else 0
-            row_f0, row_audio = f0[row : row + 1], audio[row : row + 1]
-            stream.voc_cycles = self.hift.cycles_after(row_f0[:, :next_start], stream.voc_cycles)
+            row_audio = audio[row : row + 1]
+            stream.voc_cycles = cycles[row : row + 1]
             stream.voc_mel = mel[row : row + 1, :, next_start:]
-            stream.voc_f0 = row_f0[:, next_start:]
+            stream.voc_f0 = f0[row : row + 1, next_start:]
             new, rerendered = row_audio[:, n_ctx * hop :], row_audio[:, : n_ctx * hop]
             speech.append(self._emit(stream, new, rerendered, finals[row]))
         return speech
 
-    def _keep_settled_f0(self, stream: FastStream, f0: Tensor) -> Tensor:
-        """The predicted f0 [1, F], with the frames the previous call settled kept as they were."""
-        if stream.voc_f0 is None:
-            return f0
-        frozen = max(0, stream.voc_f0.shape[-1] - self._f0_margin)
-        return torch.cat([stream.voc_f0[:, :frozen], f0[:, frozen:]], dim=-1)
+    def _vocoder_pass(
+        self,
+        mel: Tensor,
+        settled: Tensor,
+        keep: Tensor,
+        phases: Tensor,
+        noise: Tensor,
+        *starts: Tensor,
+    ) -> Tensor:
+        """The vocoder as a function of tensors (graphed): mel [B, 80, F]; f0 of settled
+        frames [B, F], kept where keep [B, F] (bool) holds, predicted elsewhere; sine phases
+        [B, H, 1]; noise [B, H, 256F]; optionally the start phases [B, H, 1] (float64).
+        Returns [B, 256F + F]: the speech, then the f0 it used."""
+        f0 = torch.where(keep, settled, self.hift.predict_f0(mel))
+        draws = SourceDraws(phases, noise)
+        source = self.hift.source_from_f0(f0, draws, starts[0] if starts else None)
+        audio = self.hift.decode(mel, source, checked=False)
+        return torch.cat([audio, f0], dim=-1)
+
+    def _settled_f0(self, streams: Sequence[FastStream], n_frames: int) -> tuple[Tensor, Tensor]:
+        """For each stream, the f0 of the first frames that the previous call settled, to be
+        kept as it was, and where: (f0 [B, F] float32, keep [B, F] bool). The frames within
+        `f0_margin` of the previous right edge take the new prediction."""
+        frozen = [
+            max(0, s.voc_f0.shape[-1] - self._f0_margin) if s.voc_f0 is not None else 0
+            for s in streams
+        ]
+        if len(set(frozen)) == 1:  # the usual case: one count for the batch
+            count = frozen[0]
+            keep = self._prefix(count, n_frames).expand(len(streams), n_frames)
+            if count == 0:
+                return torch.zeros(len(streams), n_frames, device=self._device), keep
+            heads = torch.cat([s.voc_f0[:, :count] for s in streams])  # type: ignore[index]
+            return F.pad(heads, (0, n_frames - count)), keep
+        rows = [
+            F.pad(s.voc_f0[:, :count], (0, n_frames - count))  # type: ignore[index]
+            if count
+            else torch.zeros(1, n_frames, device=self._device)
+            for s, count in zip(streams, frozen, strict=True)
+        ]
+        keep = torch.cat([self._prefix(count, n_frames) for count in frozen])
+        return torch.cat(rows), keep
+
+    def _prefix(self, count: int, n_frames: int) -> Tensor:
+        """[1, n_frames] bool, True on the first `count` frames (cached: read-only)."""
+        mask = self._prefixes.get((count, n_frames))
+        if mask is None:
+            mask = (torch.arange(n_frames) < count)[None].to(self._device)
+            self._prefixes[(count, n_frames)] = mask
+        return mask
 
     def _unit_noise(self, stream: FastStream, length: int) -> Tensor:
         return torch.randn((1, stream.phases.shape[1], length), generator=stream.generator)

@@ -30,14 +30,20 @@ class InterpolateRegulator(nn.Module):
         layers.append(nn.Conv1d(cfg.channels, cfg.out_channels, 1, 1))
         self.model = nn.Sequential(*layers)
 
+    def regulate(self, x: Tensor, n_frames: int) -> Tensor:
+        """x: (B, T_tok, C) -> (B, out_channels, n_frames), channels first: `forward` for
+        lengths that all equal n_frames (nothing to mask), without reading a tensor on the
+        host, so that it can run inside a CUDA graph."""
+        frames = F.interpolate(x.transpose(1, 2).contiguous(), size=n_frames, mode="nearest")
+        return self.model(frames)
+
     def forward(self, x: Tensor, ylens: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, T_tok, C) token features; ylens: (B,) mel lengths.
 
         Returns (B, T_mel, out_channels) with frames past each length zeroed, and `ylens`.
         """
         t_mel = int(ylens.max())
-        frames = F.interpolate(x.transpose(1, 2).contiguous(), size=t_mel, mode="nearest")
-        out = self.model(frames).transpose(1, 2).contiguous()
+        out = self.regulate(x, t_mel).transpose(1, 2).contiguous()
         positions = torch.arange(t_mel, device=ylens.device)
         valid = (positions.unsqueeze(0) < ylens.unsqueeze(1)).to(out.dtype).unsqueeze(-1)
         return out * valid, ylens

@@ -15,6 +15,7 @@ Pipeline of `FlowDecoder.inference` (batch 1, like the reference):
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,11 +158,31 @@ class FlowDecoder(nn.Module):
         h, cache = self.encoder.forward_chunk(self.embed_tokens(token, lengths), cache)
         return self.encoder_proj(h), cache
 
+    def encode_next(
+        self, token: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor]
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """`encode_chunk` as a function of tensors alone (no host reads: CUDA-graph safe).
+
+        token: (1, n) ids; keys/values: per layer (1, H, S, d_k), the cache of the S positions
+        just before the token (S may be 0, or lists empty), which must start on a block
+        boundary. Attention depends on positions only through their differences and block
+        membership, so the absolute positions are not needed: the result equals
+        `encode_chunk` with any cache holding these keys/values, untrimmed or trimmed. Returns
+        the features (1, n, 80) and per layer the keys/values of the cache extended by the
+        complete blocks of `token` (S + n rounded down to a block, untrimmed)."""
+        held = keys[0].shape[2] if len(keys) else 0
+        block = self.encoder.block_size
+        end = -(-held // block) * block  # a block boundary, at least `held`
+        cache = EncoderCache(list(keys), list(values), start=end - held, length=end)
+        # `embed_tokens` with every position valid (its mask multiplies by one).
+        embedded = self.input_embedding(torch.clamp(token, min=0))
+        h, merged = self.encoder.forward_chunk(embedded, cache)
+        return self.encoder_proj(h), merged.keys, merged.values
+
     def regulate(self, h: Tensor, mel_len: int) -> Tensor:
-        """(1, T_tok, 80) token features -> mu (1, 80, mel_len) at mel rate."""
-        lengths = torch.tensor([mel_len], device=h.device)
-        mu, _ = self.length_regulator(h, lengths)
-        return mu.transpose(1, 2).contiguous()
+        """(B, T_tok, 80) token features -> mu (B, 80, mel_len) at mel rate. No host reads:
+        the length regulator's mask is all ones for one length (CUDA-graph safe)."""
+        return self.length_regulator.regulate(h, mel_len).contiguous()
 
     def mel_frames(self, n_tokens: int) -> int:
         """Mel length the reference assigns to `n_tokens` tokens (float32, truncated)."""

@@ -406,11 +406,15 @@ class GLM4VoiceBrain:
     def _warm_decoder(self, max_batch: int) -> None:
         """One block per warm-up stream; where the decoder replays CUDA graphs, a whole short
         answer alone and in every batch bucket up to `max_batch` streams, so the graphs of
-        the first, second and later blocks are recorded before a conversation needs them."""
+        the first, second and later blocks are recorded before a conversation needs them.
+        The answer decoded alone is long enough for the stream to reach its steady state
+        (the encoder's per-stream graphs, one per cache size, serve every batch)."""
         block = self.block_tokens or 10
-        graphs = getattr(self.reply_decoder.decoder, "uses_cuda_graphs", False)
+        decoder = self.reply_decoder.decoder
+        graphs = getattr(decoder, "uses_cuda_graphs", False)
         blocks = WARM_UP_GRAPH_BLOCKS if graphs else 1
-        codes = [(7 * index) % 4096 for index in range(blocks * block)]
+        alone = max(blocks, getattr(decoder, "steady_after_blocks", 0) + 1) if graphs else 1
+        codes = [(7 * index) % 4096 for index in range(alone * block)]
         together = WARM_UP_STREAMS if self.batch_decoder else 1
         batches = [together]
         if graphs:
@@ -420,9 +424,10 @@ class GLM4VoiceBrain:
                 batches.append(min(2 * batches[-1], limit))
         for streams in batches:
             states = [self.reply_decoder.new_stream() for _ in range(streams)]
-            for index in range(blocks):
+            n_blocks = alone if streams == 1 else blocks
+            for index in range(n_blocks):
                 part = codes[index * block : (index + 1) * block]
-                final = index == blocks - 1
+                final = index == n_blocks - 1
                 requests = [(state, part, final) for state in states]
                 self.reply_decoder.decode_many(requests, batched=self.batch_decoder)
 

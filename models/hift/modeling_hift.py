@@ -325,7 +325,11 @@ class HiFTGenerator(nn.Module):
 
         start_cycles [B, H, 1]: sine phases (in cycles) before the first sample, see
         `cycles_after`; None starts at 0 like the reference."""
-        f0_up = f0.float().repeat_interleave(self.config.upsample_factor, dim=-1)[:, None, :]
+        batch, frames = f0.shape
+        factor = self.config.upsample_factor
+        # Each frame's f0 repeated over its samples (a copy, like repeat_interleave, without
+        # that op's index tensors).
+        f0_up = f0.float()[:, :, None].expand(batch, frames, factor).reshape(batch, 1, -1)
         return self.m_source(f0_up, draws, start_cycles)
 
     def cycles_after(self, f0: Tensor, start_cycles: Tensor | None = None) -> Tensor:
@@ -375,12 +379,18 @@ class HiFTGenerator(nn.Module):
             x = total / n_kernels
         return self.conv_post(F.leaky_relu(x, _POST_LRELU_SLOPE)).float()
 
-    def istft(self, conv_post_out: Tensor) -> Tensor:
-        """[B, 2*n_bins, T] -> waveform [B, hop*(T-1)] (before the clamp)."""
+    def istft(self, conv_post_out: Tensor, checked: bool = True) -> Tensor:
+        """[B, 2*n_bins, T] -> waveform [B, hop*(T-1)] (before the clamp).
+
+        checked=False gives the same numbers without `torch.istft`'s check that the window
+        overlap never vanishes: that check reads a device value on the host, which a CUDA
+        graph capture forbids (and which costs a synchronisation per call on a GPU)."""
         n_bins = self.config.n_bins
         magnitude = torch.exp(conv_post_out[:, :n_bins]).clip(max=_MAGNITUDE_CLIP)
         phase = torch.sin(conv_post_out[:, n_bins:])
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
+        if not checked:
+            return self._overlap_add(spec)
         return torch.istft(
             spec,
             self.config.istft_n_fft,
@@ -389,11 +399,28 @@ class HiFTGenerator(nn.Module):
             window=self.stft_window.float(),
         )
 
+    def _overlap_add(self, spec: Tensor) -> Tensor:
+        """`torch.istft(spec, n_fft, hop, n_fft, window)` (centered) step by step, as torch
+        computes it: inverse real FFT per frame, windowed, overlap-added, divided by the
+        overlap-added squared window, padding trimmed. No host reads."""
+        n_fft, hop = self.config.istft_n_fft, self.config.istft_hop_len
+        window = self.stft_window.float()
+        frames = torch.fft.irfft(spec.transpose(1, 2), n=n_fft, dim=-1) * window  # (B, T, n_fft)
+        batch, n_frames = frames.shape[:2]
+        length = n_fft + hop * (n_frames - 1)
+        summed = torch.ops.aten.unfold_backward(frames, [batch, length], 1, n_fft, hop)
+        squares = window.pow(2).expand(1, n_frames, n_fft)
+        envelope = torch.ops.aten.unfold_backward(squares, [1, length], 1, n_fft, hop)
+        half = n_fft // 2
+        return summed[:, half : length - half] / envelope[:, half : length - half]
+
     @torch.inference_mode()
-    def decode(self, mel: Tensor, source: Tensor) -> Tensor:
-        """mel [B, 80, F], source [B, 1, 256F] -> speech [B, 256F], clamped to audio_limit."""
+    def decode(self, mel: Tensor, source: Tensor, checked: bool = True) -> Tensor:
+        """mel [B, 80, F], source [B, 1, 256F] -> speech [B, 256F], clamped to audio_limit.
+
+        checked=False: no host reads (CUDA-graph safe), same numbers; see `istft`."""
         limit = self.config.audio_limit
-        return torch.clamp(self.istft(self.spectral(mel, source)), -limit, limit)
+        return torch.clamp(self.istft(self.spectral(mel, source), checked), -limit, limit)
 
     # ----- full calls ---------------------------------------------------------------------
 
