@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decode-step",
         choices=("auto", "dynamic", "static", "graphs", "compile"),
         default="auto",
-        help="how the LM steps: auto = CUDA graphs on a GPU in bf16, else the dynamic cache; "
+        help="how the LM steps: auto = CUDA graphs on a GPU in bf16, else the static cache "
+        "with the fused step; dynamic = transformers' growing cache (least memory); "
         "compile = torch.compile (minutes at start-up)",
     )
     p.add_argument(

@@ -5,7 +5,8 @@ Who updates what:
   `SESSIONS_CLOSED_TOTAL{reason}`, `OFFERS_TOTAL{result}` (signaling)
 - turns: `TURNS_TOTAL{kind}`, `INTERRUPTIONS_TOTAL{reason}` (reason "barge-in" counts barge-ins),
   `DUCKS_TOTAL{outcome}` (provisional barge-ins), `FIRST_AUDIO_SECONDS`, `STOP_LATENCY_SECONDS`, `ENGINE_ERRORS_TOTAL`, `ERRORS_TOTAL{kind}`
-- engines: `MODEL_STEP_SECONDS{stage}` per model step (LM step, decoder block, ...)
+- engines: `MODEL_STEP_SECONDS{stage}` per model step (LM step, decoder block, ...),
+  `PROMPT_IDS_TOTAL{source}` (prompt ids reused from the previous turn or prefilled)
 - queues: `QUEUE_DEPTH{queue}` sampled by their owners or at scrape time
 """
 
@@ -58,6 +59,12 @@ MODEL_STEP_SECONDS = Histogram(
     "Wall time of one model step, by stage (e.g. lm_step, decoder_block, tokenizer)",
     ["stage"],
     buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56),
+)
+PROMPT_IDS_TOTAL = Counter(
+    "voice_agent_prompt_ids_total",
+    "Prompt ids of started replies: reused (keys/values kept from the conversation's previous"
+    " turn) or prefilled",
+    ["source"],
 )
 QUEUE_DEPTH = Gauge("voice_agent_queue_depth", "Items waiting in a bounded queue", ["queue"])
 AUDIT_RECORDS_DROPPED_TOTAL = Counter(

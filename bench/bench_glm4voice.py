@@ -27,7 +27,8 @@ Sections:
    the fast decoder's blocks of n streams in one batched call vs. one after the other.
 
 `--decode-step` is `LoadOptions.decode_step` (auto: CUDA graphs over a static KV cache on a GPU,
-the dynamic cache on the CPU); its static cache gets a row per conversation of part 2.
+the static cache's fused step run plainly on the CPU); its static cache gets a row per
+conversation of part 2.
 `--sections` picks parts by name (warm-up, stages, concurrency, decoder), so a short GPU lease
 measures what matters first.
 """

@@ -122,6 +122,12 @@ def _check_events(events: list, tokenizer: GLM4VoiceTokenizer, generated: list[i
 async def test_audio_turn_then_text_turn_extend_one_prompt_and_stream_the_answer(
     tiny_paths, tokenizer
 ):
+    from agent import metrics
+
+    def prompt_ids(source: str) -> float:
+        return metrics.PROMPT_IDS_TOTAL.labels(source=source)._value.get()
+
+    counted = {source: prompt_ids(source) for source in ("reused", "prefilled")}
     speech = _speech(2.0)
     engine = await _started(tiny_paths, tokenizer)
     try:
@@ -155,6 +161,15 @@ async def test_audio_turn_then_text_turn_extend_one_prompt_and_stream_the_answer
         assert len(audio) / 22_050 == pytest.approx(36 * 0.08, abs=0.05)
     stages = {"speech_tokenizer", "prefill", "lm_until_first_block", "first_decoder_block"}
     assert stages | {"decoder", "first_audio"} <= set(first.timings.stages)
+    # The second turn continues the first: its keys/values are kept (the default static
+    # cache), so only the new ids are prefilled. The first shares the system prompt with the
+    # warm-up's turn at most.
+    assert first.job.reused_ids < first.job.prompt_ids - len(codes)
+    assert first.job.prompt_ids <= second.job.reused_ids < second.job.prompt_ids
+    reused = first.job.reused_ids + second.job.reused_ids
+    assert prompt_ids("reused") - counted["reused"] == reused
+    total = first.job.prompt_ids + second.job.prompt_ids
+    assert prompt_ids("prefilled") - counted["prefilled"] == total - reused
 
 
 async def test_reference_decoder_mode_decodes_exactly_as_the_reference_decoder(
@@ -347,7 +362,7 @@ async def test_warm_up_runs_every_stage_on_the_worker_before_start_returns(tiny_
             "decoder",
         }
         brain = engine.brain
-        assert brain.sequences.batch_keys == [] and brain.listen_stats.whole_turns == 0
+        assert brain.sequences.live_keys == [] and brain.listen_stats.whole_turns == 0
         # The first turn gets the answer it gets without a warm-up: the warm-up left no
         # LM rows behind and used no reply's sampling or decoder stream.
         warmed = engine.respond(UserTurn(audio=_speech(1.5)), [])

@@ -3,6 +3,8 @@ cache (the shape-stable decode step a GPU compiles into CUDA graphs) against the
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -121,8 +123,10 @@ def test_static_steps_run_at_power_of_two_buckets_and_warm_each_one():
     assert [config.bucket(n) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
 
 
-def test_warm_up_sizes_cover_every_bucket_up_to_the_job_limit(stepper):
+def test_warm_up_sizes_cover_every_recorded_bucket_up_to_the_job_limit(stepper):
     static = StaticKVBatch(stepper, StaticCacheConfig(max_batch=16, max_len=32))
+    assert static.warmup_batch_sizes(64) == [1, 2]  # plain steps record nothing
+    static.mode = "compile"  # as `compile_step` sets it (CUDA only)
     assert static.warmup_batch_sizes(64) == [1, 2, 4, 8, 16]
     assert static.warmup_batch_sizes(5) == [1, 2, 4]
     assert KVCacheBatch(stepper).warmup_batch_sizes(64) == [1, 2]
@@ -178,11 +182,12 @@ def test_a_failing_graph_step_falls_back_to_the_plain_step_with_the_same_logits(
     assert calls == [3] and not static.compiled  # tried once, then never again
 
 
-def test_decode_step_defaults_to_cuda_graphs_on_cuda_and_the_dynamic_cache_elsewhere():
+def test_decode_step_defaults_to_cuda_graphs_on_cuda_and_the_static_cache_elsewhere():
     assert LoadOptions(device="cuda").resolved_decode_step == "graphs"
     assert LoadOptions(device="cuda:1").resolved_decode_step == "graphs"
-    assert LoadOptions(device="cuda", quantization="int4").resolved_decode_step == "dynamic"
-    assert LoadOptions(device="cpu").resolved_decode_step == "dynamic"
+    assert LoadOptions(device="cuda", quantization="int4").resolved_decode_step == "static"
+    assert LoadOptions(device="cpu").resolved_decode_step == "static"
+    assert LoadOptions(device="cpu", decode_step="dynamic").resolved_decode_step == "dynamic"
     assert LoadOptions(device="cuda", decode_step="compile").resolved_decode_step == "compile"
     assert LoadOptions(device="cpu", decode_step="static").resolved_decode_step == "static"
     for needs_cuda in ("graphs", "compile"):
@@ -193,7 +198,7 @@ def test_decode_step_defaults_to_cuda_graphs_on_cuda_and_the_dynamic_cache_elsew
 
 
 def test_sequence_batches_are_made_for_each_decode_step_the_cpu_runs(stepper):
-    assert isinstance(make_sequence_batch(stepper, "auto"), KVCacheBatch)
+    assert isinstance(make_sequence_batch(stepper, "auto"), StaticKVBatch)
     assert isinstance(make_sequence_batch(stepper, "dynamic"), KVCacheBatch)
     static = make_sequence_batch(stepper, "static", StaticCacheConfig(max_batch=2, max_len=16))
     assert isinstance(static, StaticKVBatch) and static.mode == "plain"
@@ -228,7 +233,8 @@ def test_the_brain_answers_with_the_static_cache_as_with_the_dynamic_one(tmp_pat
         sampling=SamplingConfig(seed=0),
         constraints=TokenConstraints(None, TokenPattern(stop_after=45)),
     )
-    dynamic = GLM4VoiceBrain.load(paths, options)
+    dynamic = GLM4VoiceBrain.load(paths, replace(options, decode_step="dynamic"))
+    assert isinstance(dynamic.sequences, KVCacheBatch)
     static = GLM4VoiceBrain.load(paths, options)
     static.sequences = StaticKVBatch(static.sequences.stepper, StaticCacheConfig(2, 256))
     static.max_sequences = static.sequences.max_sequences
@@ -240,10 +246,12 @@ def test_the_brain_answers_with_the_static_cache_as_with_the_dynamic_one(tmp_pat
     assert all(len(ids) == 46 and samples > 0 for ids, samples in got)
 
 
-def test_the_dynamic_cache_serves_on_the_cpu_and_when_the_static_one_does_not_fit(
+def test_the_static_cache_serves_on_the_cpu_and_the_dynamic_one_when_it_does_not_fit(
     stepper, monkeypatch
 ):
-    assert isinstance(brain_module._sequence_batch(stepper, LoadOptions()), KVCacheBatch)
+    assert isinstance(brain_module._sequence_batch(stepper, LoadOptions()), StaticKVBatch)
+    dynamic = LoadOptions(decode_step="dynamic")
+    assert isinstance(brain_module._sequence_batch(stepper, dynamic), KVCacheBatch)
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")

@@ -62,7 +62,8 @@ class LoadOptions:
     calls. "graphs": the static cache with the step recorded as CUDA graphs. "compile": the
     static cache with the step compiled by `torch.compile` into CUDA graphs (minutes of
     compilation at start-up). "auto": "graphs" on CUDA devices without quantization, else
-    "dynamic". With a static cache at most `static_cache.max_batch` replies are started at
+    "static" (its fused step is about twice as fast as the dynamic cache's on the CPU, and
+    the next turn of a conversation prefills only its new ids). With a static cache at most `static_cache.max_batch` replies are started at
     once; further ones wait for a row.
     """
 
@@ -98,7 +99,7 @@ class LoadOptions:
     def resolved_decode_step(self) -> DecodeStep:
         if self.decode_step != "auto":
             return self.decode_step
-        return "graphs" if _is_cuda(self.device) and self.quantization is None else "dynamic"
+        return "graphs" if _is_cuda(self.device) and self.quantization is None else "static"
 
 
 def _is_cuda(device: str) -> bool:
@@ -325,7 +326,9 @@ class GLM4VoiceBrain:
                 self._prefill_group([item], failed)
             return
         elapsed = time.perf_counter() - started
-        for (job, _), row in zip(group, logits, strict=True):
+        reused = getattr(self.sequences, "last_reused", {})
+        for (job, ids), row in zip(group, logits, strict=True):
+            job.prompt_ids, job.reused_ids = len(ids), reused.get(job.key, 0)
             job.logits = row
             job.timings.add("prefill", elapsed)
             job.decoder_state = self.reply_decoder.new_stream()
@@ -460,7 +463,7 @@ def make_sequence_batch(
     """A dynamic-cache batch, or a static-cache one whose step runs plainly, as recorded CUDA
     graphs or compiled; falls back to the dynamic cache when the static one does not fit."""
     if decode_step == "auto":
-        decode_step = "graphs" if stepper.device.type == "cuda" else "dynamic"
+        decode_step = "graphs" if stepper.device.type == "cuda" else "static"
     if decode_step == "dynamic":
         return KVCacheBatch(stepper)
     static_cache = static_cache or StaticCacheConfig()

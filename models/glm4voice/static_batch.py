@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 
 from models.cuda_graphs import CudaGraphCache
-from models.glm4voice.batching import left_padded
+from models.glm4voice.batching import dynamic_warmup_sizes, left_padded
 from models.glm4voice.prefix_cache import PrefixCache, gather_kv
 from models.lm import LMStepper
 from models.lm.fused_step import FusedDecodeStep
@@ -183,6 +183,8 @@ class StaticKVBatch:
             if self.fused is not None and self.config.prefix_cache_ids
             else None
         )
+        # Per sequence of the latest `prefill_many`: ids whose keys/values were restored.
+        self.last_reused: dict[Hashable, int] = {}
         self._step_fn: StepFn = self._forward
         self.mode: StepMode = "plain"
 
@@ -247,10 +249,12 @@ class StaticKVBatch:
             )
         slots = free[: len(prompts)]
         ids = [list(prompt) for _, prompt in prompts]
+        reused = [0] * len(prompts)
         if self.fused is None:
             logits = list(self._transformers_prefill(ids, slots))
         else:
-            logits = self._prefill_with_prefixes(ids, slots)
+            logits = self._prefill_with_prefixes(ids, slots, reused)
+        self.last_reused = {key: n for (key, _), n in zip(prompts, reused, strict=True)}
         for (key, prompt_ids), slot in zip(prompts, slots, strict=True):
             length = len(prompt_ids)
             self._ids[slot] = list(prompt_ids)
@@ -315,7 +319,11 @@ class StaticKVBatch:
             self._cursor = 0
 
     def warmup_batch_sizes(self, limit: int) -> list[int]:
-        """Every bucket up to `limit` live sequences: a compiled step records each one."""
+        """Every bucket up to `limit` live sequences where steps are recorded (graphs or
+        compiled: each bucket records its own); plain steps, like the dynamic cache's, need
+        one and two sequences."""
+        if self.mode == "plain":
+            return dynamic_warmup_sizes(min(limit, self.config.max_batch))
         return [size for size in self.config.buckets if size <= max(1, limit)]
 
     # ------------------------------------------------------------------ internals
@@ -364,10 +372,11 @@ class StaticKVBatch:
         return out.logits[:, -1].float()
 
     def _prefill_with_prefixes(
-        self, prompts: list[list[int]], slots: list[int]
+        self, prompts: list[list[int]], slots: list[int], reused: list[int]
     ) -> list[torch.Tensor]:
         """Fused prefill: a prompt that continues a stored prefix takes its keys/values and
-        prefills the rest on its own; the other prompts are prefilled together."""
+        prefills the rest on its own; the other prompts are prefilled together. `reused[i]`
+        is set to the ids of prompt i whose keys/values were restored."""
         logits: list[torch.Tensor | None] = [None] * len(prompts)
         fresh = []
         for index, (prompt, slot) in enumerate(zip(prompts, slots, strict=True)):
@@ -378,6 +387,7 @@ class StaticKVBatch:
             for layer, kv in enumerate(self.cache.kv):
                 kv[slot, :, :length] = stored[layer]
             logits[index] = self._fused_prefill([prompt[length:]], [slot], start=length)[0]
+            reused[index] = length
             logger.debug("prefill reused %d of %d prompt ids", length, len(prompt))
         if fresh:
             rows = self._fused_prefill([prompts[i] for i in fresh], [slots[i] for i in fresh])

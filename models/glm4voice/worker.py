@@ -240,6 +240,8 @@ class Job:
     timings: StageTimings = field(default_factory=StageTimings)
     # filled by the worker
     prompt: str = ""
+    prompt_ids: int = 0  # ids of the prompt
+    reused_ids: int = 0  # of which keys/values were kept from the conversation's last turn
     started: bool = False
     logits: Any = None  # next-token logits [V]
     decoder_state: object = None
@@ -403,6 +405,8 @@ class ModelWorker:
             if error is not None:
                 self._finish(job, error=error)
                 continue
+            metrics.PROMPT_IDS_TOTAL.labels(source="reused").inc(job.reused_ids)
+            metrics.PROMPT_IDS_TOTAL.labels(source="prefilled").inc(job.prompt_ids - job.reused_ids)
             job.text = self.brain.text_stream()
             job.started = True
             job.decoding_since = now
