@@ -18,8 +18,9 @@ Sections:
 1. first audio of one conversation, per stage: speech tokenizer (one-shot vs. only the end of
    a turn that was streamed while spoken), prefill, LM tokens until the first decodable block,
    the first decoder block;
-2. 1..16 concurrent conversations, with the decoder batching blocks of different replies and
-   without: LM tokens/s per conversation, first-audio latency, mean batch sizes of the LM
+2. 1..16 concurrent conversations, with the decoder lane (decoder calls on their own thread
+   while the LM steps on) and without, with the decoder batching blocks of different replies
+   and without: LM tokens/s per conversation, first-audio latency, mean batch sizes of the LM
    steps and decoder calls, and the on/off ratios; then conversations that start at different
    times and are played at real-time pace, with later decoder blocks waiting for each other
    (`BlockHold`) and without;
@@ -315,22 +316,33 @@ async def _concurrency_row(engine: GLM4VoiceEngine, n: int) -> dict[str, float]:
     }
 
 
+# (label, decoder batching, decoder lane): the engine's default first
+CONCURRENCY_SETTINGS = (
+    ("decoder batching on, decoder lane on (the default)", True, True),
+    ("decoder batching on, decoder lane off", True, False),
+    ("decoder batching off, decoder lane off", False, False),
+)
+
+
 async def bench_concurrency(engine: GLM4VoiceEngine, repeats: int, report: Report) -> None:
     """Each row is the run (of `repeats`) with the shortest wall time."""
     print(f"\n2. concurrent conversations (text turns, fixed-length answers; best of {repeats})")
     brain = engine.brain
+    worker = engine.require_worker()
     assert isinstance(brain, GLM4VoiceBrain)
-    rows: dict[bool, list[dict[str, float]]] = {}
-    for batched in (True, False):
+    rows: dict[tuple[bool, bool], list[dict[str, float]]] = {}
+    for label, batched, lane in CONCURRENCY_SETTINGS:
         brain.batch_decoder = batched
-        print(f"   decoder batching {'on' if batched else 'off'}")
+        worker.overlap_decoder = lane
+        print(f"   {label}")
         print("   convs  tok/s per conv  total tok/s  first audio mean / max ms  LM / dec batch")
-        rows[batched] = []
+        rows[batched, lane] = []
         for n in CONCURRENCY:
             runs = [await _concurrency_row(engine, n) for _ in range(repeats)]
             row = min(runs, key=lambda run: run["wall_s"])
             row["decoder_batching"] = float(batched)
-            rows[batched].append(row)
+            row["decoder_lane"] = float(lane)
+            rows[batched, lane].append(row)
             report.concurrency.append(row)
             print(
                 f"   {n:5d}  {row['lm_tokens_per_s_per_conversation']:14.1f}  "
@@ -339,14 +351,21 @@ async def bench_concurrency(engine: GLM4VoiceEngine, repeats: int, report: Repor
                 f"{row['mean_decoder_batch']:4.1f}"
             )
     brain.batch_decoder = True
-    print("   batching on / off:  convs  total tok/s  first audio mean  wall time")
-    for on, off in zip(rows[True], rows[False], strict=True):
-        print(
-            f"                       {int(on['conversations']):4d}  "
-            f"{on['lm_tokens_per_s_total'] / off['lm_tokens_per_s_total']:11.2f}  "
-            f"{on['first_audio_ms_mean'] / off['first_audio_ms_mean']:16.2f}  "
-            f"{on['wall_s'] / off['wall_s']:9.2f}"
-        )
+    worker.overlap_decoder = True
+    for title, on, off in (
+        ("lane on / off (batching on)", (True, True), (True, False)),
+        ("batching on / off (lane off)", (True, False), (False, False)),
+    ):
+        print(f"   {title}:  convs  tok/s per conv  total tok/s  first audio mean  wall time")
+        for a, b in zip(rows[on], rows[off], strict=True):
+            per_conv = "lm_tokens_per_s_per_conversation"
+            print(
+                f"   {' ' * len(title)}   {int(a['conversations']):4d}  "
+                f"{a[per_conv] / b[per_conv]:13.2f}  "
+                f"{a['lm_tokens_per_s_total'] / b['lm_tokens_per_s_total']:11.2f}  "
+                f"{a['first_audio_ms_mean'] / b['first_audio_ms_mean']:16.2f}  "
+                f"{a['wall_s'] / b['wall_s']:9.2f}"
+            )
 
 
 async def _paced_reply(engine: GLM4VoiceEngine, index: int) -> float:

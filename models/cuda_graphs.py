@@ -16,6 +16,7 @@ allocate host tensors, or depend on anything but its inputs' values and those te
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 __all__ = ["CudaGraphCache"]
+
+# One recording at a time in the process (torch allows one capture under way): the LM's
+# worker thread and the decoder's lane may both meet a new shape at once.
+_RECORDING = threading.Lock()
 
 
 @dataclass
@@ -51,6 +56,9 @@ class CudaGraphCache:
     The returned tensor is the recording's output buffer: every recording shares one memory
     pool, so the next call (of any signature) may overwrite it. Copy it before calling again.
     At most `max_graphs` recordings are kept; the least recently used one is dropped.
+
+    Recording is safe while other threads run CUDA work on streams of their own: one
+    recording at a time in the process, and the capture only checks its own thread's calls.
     """
 
     def __init__(
@@ -86,6 +94,10 @@ class CudaGraphCache:
     def _record(self, key: Hashable, tensors: tuple[Tensor, ...]) -> _Recording:
         if not tensors or any(not t.is_cuda for t in tensors):
             raise ValueError("every input of a CUDA graph must be a CUDA tensor")
+        with _RECORDING:
+            return self._record_alone(key, tensors)
+
+    def _record_alone(self, key: Hashable, tensors: tuple[Tensor, ...]) -> _Recording:
         device = tensors[0].device
         inputs = tuple(t.clone() for t in tensors)
         main = torch.cuda.current_stream(device)
@@ -96,7 +108,9 @@ class CudaGraphCache:
                 self._fn(*inputs)
         main.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # "thread_local": CUDA work that another thread issues meanwhile on its own stream
+        # (the decoder lane, or the LM worker) does not invalidate the capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             output = self._fn(*inputs)
         if not isinstance(output, Tensor):
             raise TypeError(f"a graphed function must return one tensor, not {type(output)}")

@@ -802,3 +802,154 @@ async def test_model_step_times_are_exported_as_metrics():
         await engine.close()
     after = {stage: count(stage) for stage in before}
     assert all(after[stage] > before[stage] for stage in before), (before, after)
+
+
+# ----------------------------------------------------------------------------- decoder lane
+
+
+class SlowDecoderBrain(ScriptedBrain):
+    """A streaming-decoder brain whose decoder calls take `decode_s` on the lane's thread."""
+
+    block_tokens = 10
+
+    def __init__(self, rounds: int = 2, decode_s: float = 0.05, step_delay: float = 0.002):
+        super().__init__(rounds=rounds, step_delay=step_delay)
+        self.decode_s = decode_s
+        self.steps_during_calls: list[int] = []  # LM steps taken while each call ran
+        self.decoder_threads: set[str] = set()
+        self.decoding = threading.Event()
+        self.release_decoder = threading.Event()
+        self.release_decoder.set()
+
+    def decode_audio_many(self, blocks: list[AudioBlock]) -> list[np.ndarray]:
+        self.decoder_threads.add(threading.current_thread().name)
+        steps = self.steps
+        self.decoding.set()
+        time.sleep(self.decode_s)
+        self.release_decoder.wait(10)
+        self.decoding.clear()
+        self.steps_during_calls.append(self.steps - steps)
+        return super().decode_audio_many(blocks)
+
+
+def _audio_samples(events: list) -> int:
+    return sum(len(e.samples) for e in events if isinstance(e, AudioChunk))
+
+
+async def test_the_lm_steps_on_while_the_decoder_lane_decodes_a_block():
+    brain = SlowDecoderBrain(rounds=2, decode_s=0.05)
+    engine = await _engine(brain)
+    try:
+        events = await _collect(engine.respond(UserTurn(text="hi"), []))
+    finally:
+        await engine.close()
+    assert brain.decoder_threads == {"glm4voice-decoder"}
+    assert brain.steps_during_calls[0] == 0  # the first block decodes with the LM waiting
+    assert max(brain.steps_during_calls) >= 5  # 50 ms of decoding, 2 ms steps
+    assert _audio_samples(events) == 52 * SAMPLES_PER_TOKEN
+    # Blocks that completed during a call joined the next one, in order, the last one final.
+    codes = [code for block, _ in brain.decoded_blocks for code in block]
+    assert codes == list(range(52))
+    assert [final for _, final in brain.decoded_blocks][-1] is True
+    assert not any(final for _, final in brain.decoded_blocks[:-1])
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert len(text) == 26
+
+
+async def test_concurrent_replies_share_lane_calls_and_each_gets_all_its_audio():
+    brain = SlowDecoderBrain(rounds=3, decode_s=0.03)
+    engine = await _engine(brain)
+    try:
+        replies = [engine.respond(UserTurn(text=t), []) for t in ("a", "b", "c")]
+        results = await asyncio.gather(*(_collect(r) for r in replies))
+    finally:
+        await engine.close()
+    assert all(_audio_samples(events) == 78 * SAMPLES_PER_TOKEN for events in results)
+    assert max(len(call) for call in brain.decode_calls) == 3
+    assert len(brain.decode_calls) < 3 * 8  # far fewer calls than blocks one by one
+
+
+async def test_a_reply_cancelled_while_its_block_decodes_ends_when_that_call_returns():
+    brain = SlowDecoderBrain(rounds=20, decode_s=0.0)
+    engine = await _engine(brain, max_ahead_s=1000.0)
+    try:
+        reply = engine.respond(UserTurn(text="hi"), [])
+        await _first_audio_event(reply)
+        brain.release_decoder.clear()
+        await asyncio.wait_for(asyncio.to_thread(brain.decoding.wait, 10), 10)
+        cancelling = asyncio.create_task(reply.cancel())
+        await asyncio.sleep(0.1)
+        assert not cancelling.done()  # the decoder still works on its stream
+        assert reply.job.key not in brain.released
+        chunks_before = len(reply.job.generated)
+        brain.release_decoder.set()
+        await asyncio.wait_for(cancelling, 10)
+        assert reply.job.key in brain.released
+        assert len(reply.job.generated) <= chunks_before + 1
+        # The worker serves the next reply.
+        brain.script = [*brain.script[:39], STOP]
+        events = await asyncio.wait_for(_collect(engine.respond(UserTurn(text="x"), [])), 30)
+        assert _audio_samples(events) == 26 * SAMPLES_PER_TOKEN
+    finally:
+        brain.release_decoder.set()
+        await engine.close()
+
+
+async def _first_audio_event(reply) -> AudioChunk:
+    async for event in reply:
+        if isinstance(event, AudioChunk):
+            return event
+    raise AssertionError("no audio")
+
+
+async def test_a_failed_lane_call_ends_its_replies_with_the_error_and_the_lane_serves_on():
+    brain = SlowDecoderBrain(rounds=2, decode_s=0.0)
+    original = brain.decode_audio_many
+
+    def fail_for_text_a(blocks):
+        if any(block.job.turn_text == "a" for block in blocks):
+            raise RuntimeError("decoder out of memory")
+        return original(blocks)
+
+    brain.decode_audio_many = fail_for_text_a
+    engine = await _engine(brain)
+    try:
+        doomed = engine.respond(UserTurn(text="a"), [])
+        with pytest.raises(EngineError, match="decoder out of memory"):
+            await _collect(doomed)
+        events = await _collect(engine.respond(UserTurn(text="b"), []))
+    finally:
+        await engine.close()
+    assert _audio_samples(events) == 52 * SAMPLES_PER_TOKEN
+    assert doomed.job.key in brain.released
+
+
+async def test_closing_the_engine_mid_call_ends_the_reply_and_stops_both_threads():
+    brain = SlowDecoderBrain(rounds=20, decode_s=0.0)
+    engine = await _engine(brain, max_ahead_s=1000.0)
+    reply = engine.respond(UserTurn(text="hi"), [])
+    await _first_audio_event(reply)
+    brain.release_decoder.clear()
+    await asyncio.wait_for(asyncio.to_thread(brain.decoding.wait, 10), 10)
+    worker = engine.worker
+    closing = asyncio.create_task(engine.close())
+    await asyncio.sleep(0.05)
+    brain.release_decoder.set()
+    await asyncio.wait_for(closing, 10)
+    assert reply.job.finished.is_set()
+    assert not worker._thread.is_alive()
+    names = {thread.name for thread in threading.enumerate()}
+    assert "glm4voice-decoder" not in names
+
+
+async def test_the_lm_runs_at_most_two_blocks_ahead_of_a_slow_decoder():
+    brain = SlowDecoderBrain(rounds=3, decode_s=0.2, step_delay=0.001)
+    engine = await _engine(brain)
+    try:
+        events = await _collect(engine.respond(UserTurn(text="hi"), []))
+    finally:
+        await engine.close()
+    assert _audio_samples(events) == 78 * SAMPLES_PER_TOKEN
+    # A call decodes what waited for it: never more than the two blocks of the limit (plus
+    # the final rest), however fast the LM is.
+    assert max(len(codes) for codes, _ in brain.decoded_blocks) <= 20

@@ -185,6 +185,7 @@ class GLM4VoiceBrain:
         self.masks = masks
         self.constraints = constraints or TokenConstraints()
         self.sample_rate = decoder.sample_rate
+        self.decoder_device = next(decoder.flow.parameters()).device  # where decoding runs
         self.block_tokens = self.reply_decoder.block_tokens
         self._stop_ids = frozenset(tokenizer.turn_stop_ids())
         self._generator = sampling.generator(device)

@@ -79,6 +79,9 @@ class EngineOptions:
     # `decoder_hold_s` of audio ahead of playback (0 rounds: never wait).
     decoder_hold_s: float = 1.0
     decoder_hold_rounds: int = 10
+    # Decode on a thread (and CUDA stream) of its own while the LM steps on (`DecoderLane`):
+    # a block's decoding no longer holds up every reply's next LM step.
+    overlap_decoder: bool = True
     schedule: DecodeSchedule = field(init=False)
 
     def __post_init__(self) -> None:
@@ -270,7 +273,13 @@ class GLM4VoiceEngine(Engine):
         self.brain = await asyncio.to_thread(self._brain_factory)
         options = self.options
         hold = BlockHold(options.decoder_hold_s, options.decoder_hold_rounds)
-        worker = ModelWorker(self.brain, options.max_jobs, warm_up=options.warmup, hold=hold)
+        worker = ModelWorker(
+            self.brain,
+            options.max_jobs,
+            warm_up=options.warmup,
+            hold=hold,
+            overlap_decoder=options.overlap_decoder,
+        )
         self.worker = worker
         worker.start()
         await asyncio.to_thread(worker.ready.wait)

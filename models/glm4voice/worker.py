@@ -18,6 +18,13 @@ Before the first round the worker can warm every stage up on a synthetic turn, s
 first conversation does not pay for first-call costs (allocations, kernel selection, lazy
 initialisation, compiled graphs).
 
+With `overlap_decoder`, decoder calls run on a second thread (`DecoderLane`; on CUDA, on a
+stream of their own) while the LM goes on stepping: one call at a time, fed with every block
+completed since the previous call was handed over, so that a block's decoding no longer holds
+up every reply's next LM step. A reply's blocks still decode in order, one call after another.
+A call that holds a reply's first block runs alone, the LM waiting, as without the lane: first
+audio matters more than throughput, and the two threads would slow each other down.
+
 A cancelled job stops at the next check: between LM steps and between decoder blocks. A job
 whose audio is far ahead of playback sits out rounds until the listener catches up, which bounds
 the memory a reply holds and the work wasted on an answer that gets interrupted.
@@ -32,6 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -248,7 +256,8 @@ class Job:
     text: TextStream | None = None
     generated: list[int] = field(default_factory=list)
     pending_codes: list[int] = field(default_factory=list)
-    blocks_done: int = 0
+    blocks_done: int = 0  # blocks decoded and delivered
+    blocks_queued: int = 0  # blocks handed to the decoder queue (some may not be done yet)
     audio_tokens_decoded: int = 0
     audio_samples_emitted: int = 0
     consumed_s: float = 0.0  # written by the consumer: seconds of audio handed to playback
@@ -257,6 +266,110 @@ class Job:
     first_audio_at: float | None = None
     done: bool = False
     paused: bool = False  # waiting for its listener to catch up
+
+
+@dataclass
+class DecodedCall:
+    """What one decoder call of the lane gave: a speech array per block, or the error."""
+
+    blocks: list[AudioBlock]
+    speeches: list[np.ndarray] | None
+    error: BaseException | None
+    started: float
+    elapsed: float
+
+
+class DecoderLane:
+    """Decoder calls on a thread of their own, one at a time, so that the LM thread steps on
+    while blocks decode. On CUDA the calls run on a stream of their own, so the GPU can
+    overlap them with the LM's kernels.
+
+    Only the worker thread calls `submit`, `poll` and `close`. On the lane's thread, when a
+    call has succeeded, `deliver` streams its audio at once (not a round later); then
+    `on_done` tells the worker to collect the call (its bookkeeping: replies that ended, or
+    the error)."""
+
+    def __init__(
+        self,
+        decode: Callable[[Sequence[AudioBlock]], list[np.ndarray]],
+        deliver: Callable[[DecodedCall], None],
+        on_done: Callable[[], None],
+        device: object = None,
+    ) -> None:
+        self._decode = decode
+        self._deliver = deliver
+        self._on_done = on_done
+        self._device = device
+        self._requests: queue.Queue[tuple[list[AudioBlock], float] | None] = queue.Queue(1)
+        self._results: queue.Queue[DecodedCall] = queue.Queue(1)
+        self.in_flight: list[AudioBlock] = []  # the blocks of the call under way
+        self._thread = threading.Thread(target=self._run, name="glm4voice-decoder", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.in_flight)
+
+    @property
+    def decodes_a_first_block(self) -> bool:
+        """Whether the call under way decodes the first block of a reply."""
+        return any(block.job.blocks_done == 0 for block in self.in_flight)
+
+    def holds(self, job: Job) -> bool:
+        """Whether a block of `job` is being decoded."""
+        return any(block.job is job for block in self.in_flight)
+
+    def submit(self, blocks: list[AudioBlock]) -> None:
+        if self.busy:
+            raise RuntimeError("the decoder lane takes one call at a time")
+        self.in_flight = list(blocks)
+        self._requests.put((self.in_flight, time.perf_counter()))
+
+    def poll(self, timeout: float | None = 0.0) -> DecodedCall | None:
+        """The finished call, if any (waiting up to `timeout` s; None waits for it)."""
+        if not self.busy:
+            return None
+        try:
+            done = (
+                self._results.get(timeout=timeout) if timeout != 0 else self._results.get_nowait()
+            )
+        except queue.Empty:
+            return None
+        self.in_flight = []
+        return done
+
+    def close(self, timeout: float = 30.0) -> DecodedCall | None:
+        """Stop the thread once the call under way (if any) has finished; returns that call."""
+        done = self.poll(timeout=timeout) if self.busy else None
+        self._requests.put(None)
+        self._thread.join(timeout)
+        return done
+
+    def _run(self) -> None:
+        import torch
+
+        stream = None
+        device = self._device
+        if device is not None and torch.device(device).type == "cuda":  # type: ignore[arg-type]
+            stream = torch.cuda.Stream(device=device)  # type: ignore[arg-type]
+        with torch.inference_mode(), torch.cuda.stream(stream) if stream else nullcontext():
+            while (request := self._requests.get()) is not None:
+                blocks, started = request
+                speeches, error = None, None
+                try:
+                    speeches = self._decode(blocks)
+                except Exception as exc:  # handed to the worker, which ends these replies
+                    error = exc
+                elapsed = time.perf_counter() - started
+                call = DecodedCall(blocks, speeches, error, started, elapsed)
+                if error is None:
+                    try:
+                        self._deliver(call)
+                    except Exception as exc:
+                        logger.exception("streaming decoded audio failed")
+                        call.error = exc
+                self._results.put(call)
+                self._on_done()
 
 
 class ModelWorker:
@@ -268,13 +381,21 @@ class ModelWorker:
         max_jobs: int = 64,
         warm_up: bool = False,
         hold: BlockHold | None = None,
+        overlap_decoder: bool = False,
     ) -> None:
         """`warm_up`: run `brain.warm_up` on the thread before serving; `ready` is set once
         the worker serves (after the warm-up, whether it succeeded or not). `hold`: let later
-        blocks wait for other replies' blocks (None: every block is decoded in its round)."""
+        blocks wait for other replies' blocks (None: every block is decoded in its round).
+        `overlap_decoder`: decode on a `DecoderLane` while the LM steps on (with a decoder
+        that streams its own blocks: `brain.block_tokens` set)."""
         self.brain = brain
         self._max_jobs = max_jobs
         self._warm_up = warm_up
+        self.overlap_decoder = overlap_decoder  # may be changed between rounds
+        self._lane: DecoderLane | None = None
+        # Jobs to finish (with their error) once the lane's call that holds a block of theirs
+        # returns: the decoder may not be working on a stream that is being released.
+        self._deferred: dict[int, tuple[Job, BaseException | None]] = {}
         self.hold = hold  # may be changed between rounds
         self.ready = threading.Event()
         self.warm_up_report: WarmUpReport | None = None
@@ -341,8 +462,15 @@ class ModelWorker:
                         self._wake.wait(timeout=0.05)
                         self._wake.clear()
         finally:
+            stopped = RuntimeError("the model worker stopped")
+            if self._lane is not None:
+                lane, self._lane = self._lane, None
+                lane.close()  # after the call under way: its replies end below
+                deferred, self._deferred = list(self._deferred.values()), {}
+                for job, error in deferred:
+                    self._finish(job, error=error)
             for job in self._active + self._drain_inbox():
-                self._finish(job, error=RuntimeError("the model worker stopped"))
+                self._finish(job, error=stopped)
             logger.info("model worker stopped")
 
     def _run_warm_up(self) -> None:
@@ -369,16 +497,28 @@ class ModelWorker:
     def _round(self) -> bool:
         """Listen, start, then one step for every runnable job; False when nothing could run."""
         worked = self._serve_listeners()
+        worked = self._collect_decoded() or worked
+        self._sync_lane()
         for job in self._drain_inbox():
             job.started_at = time.perf_counter()
             self._active.append(job)
         for job in [j for j in self._active if j.cancelled.is_set()]:
             self._finish(job)
         worked = self._start_waiting() or worked
-        runnable = [j for j in self._active if j.started and not self._too_far_ahead(j)]
+        runnable = [
+            j
+            for j in self._active
+            if j.started
+            and not j.done
+            and not self._too_far_ahead(j)
+            and not self._decoder_behind(j)
+        ]
         metrics.QUEUE_DEPTH.labels(queue="engine_replies_active").set(len(self._active))
         if runnable:
             self._step(runnable)
+            worked = True
+        elif self._blocks and self._lane is not None and not self._lane.busy:
+            self._decode_ready_blocks(0)  # blocks that waited for the lane; nothing steps
             worked = True
         return worked
 
@@ -447,7 +587,38 @@ class ModelWorker:
         job.paused = ahead_s > limit
         return job.paused
 
+    def _sync_lane(self) -> None:
+        """Start or stop the decoder lane as `overlap_decoder` asks (it stops between calls).
+        Not for the reference decoder: blocks that complete while a call is under way are
+        merged, and that decoder's audio depends on where its blocks begin."""
+        wanted = self.overlap_decoder and self.brain.block_tokens is not None
+        if wanted and self._lane is None:
+            device = getattr(self.brain, "decoder_device", None)
+            self._lane = DecoderLane(
+                self.brain.decode_audio_many, self._deliver_call, self._wake.set, device
+            )
+        elif not wanted and self._lane is not None and not self._lane.busy:
+            lane, self._lane = self._lane, None
+            lane.close()
+
+    def _decoder_behind(self, job: Job) -> bool:
+        """With a lane: two blocks of the job's codes wait for the decoder, so the reply sits
+        out LM rounds until they are handed over (the LM may run ahead of the decoder by
+        that much, no further: calls stay short, and their audio comes out block by block)."""
+        if self._lane is None:
+            return False
+        waiting = self._blocks.get(job.key)
+        limit = 2 * (self.brain.block_tokens or 1)
+        return waiting is not None and len(waiting.codes) >= limit
+
     def _finish(self, job: Job, error: BaseException | None = None) -> None:
+        if self._lane is not None and self._lane.holds(job):
+            # the lane is decoding a block of it: end it once that call returns
+            self._deferred.setdefault(job.key, (job, error))
+            if job in self._active:
+                self._active.remove(job)
+            self._blocks.pop(job.key, None)
+            return
         if job in self._active:
             self._active.remove(job)
         self._blocks.pop(job.key, None)
@@ -486,7 +657,8 @@ class ModelWorker:
             if job not in self._active:
                 continue  # its decoder block failed
             if job.done:
-                self._finish(job)
+                if not self._awaits_decoder(job):
+                    self._finish(job)  # else once its last block is decoded
             else:
                 continuing.append((job, token))
         if continuing:
@@ -541,7 +713,7 @@ class ModelWorker:
     def _end_of_answer(self, job: Job) -> None:
         if job.text is not None:
             self._emit_text(job, job.text.flush())
-        if job.pending_codes or (self.brain.block_tokens is not None and job.blocks_done):
+        if job.pending_codes or (self.brain.block_tokens is not None and job.blocks_queued):
             self._decode_pending(job, final=True)
         job.done = True
 
@@ -556,6 +728,7 @@ class ModelWorker:
             waiting.urgent = True
             return
         self._blocks[job.key] = AudioBlock(job, codes, final)
+        job.blocks_queued += 1
 
     def _decode_ready_blocks(self, runnable: int) -> None:
         """Decode the queued blocks in one call and stream their audio, unless the only one
@@ -564,10 +737,17 @@ class ModelWorker:
         if not blocks:
             self._blocks.clear()
             return
+        if self._lane is not None and self._lane.busy:
+            return  # they join the call after the one under way
         if len(blocks) == 1 and self._may_wait(blocks[0], runnable):
             blocks[0].held_rounds += 1
             return
         self._blocks.clear()
+        if self._lane is not None:
+            self._lane.submit(blocks)
+            if self._lane.decodes_a_first_block:  # a reply's first audio: the LM waits
+                self._collect_decoded(wait=True)
+            return
         started = time.perf_counter()
         try:
             speeches = self.brain.decode_audio_many(blocks)
@@ -575,11 +755,48 @@ class ModelWorker:
             self._fail_all([block.job for block in blocks], exc)
             return
         elapsed = time.perf_counter() - started
-        metrics.MODEL_STEP_SECONDS.labels(stage="decoder_block").observe(elapsed)
-        self.decoder_s += elapsed
-        self.decode_batch_sizes.append(len(blocks))
-        for block, speech in zip(blocks, speeches, strict=True):
-            self._deliver_block(block, speech, started, elapsed)
+        self._deliver_call(DecodedCall(blocks, speeches, None, started, elapsed))
+
+    def _deliver_call(self, call: DecodedCall) -> None:
+        """Stream the audio of a successful decoder call (on the lane's thread with a lane:
+        a cancelled reply gets none)."""
+        metrics.MODEL_STEP_SECONDS.labels(stage="decoder_block").observe(call.elapsed)
+        self.decoder_s += call.elapsed
+        self.decode_batch_sizes.append(len(call.blocks))
+        assert call.speeches is not None
+        for block, speech in zip(call.blocks, call.speeches, strict=True):
+            if not block.job.cancelled.is_set():
+                self._deliver_block(block, speech, call.started, call.elapsed)
+
+    def _collect_decoded(self, wait: bool = False) -> bool:
+        """The bookkeeping of the lane's finished call (its audio has gone out already):
+        replies that ended with it, or its error; False when no call finished (`wait`: until
+        the call under way finishes)."""
+        call = self._lane.poll(timeout=None if wait else 0.0) if self._lane is not None else None
+        if call is None:
+            return False
+        if call.error is not None:
+            logger.error(
+                "a decoder call failed; ending its %d replies",
+                len(call.blocks),
+                exc_info=call.error,
+            )
+        for block in call.blocks:
+            job = block.job
+            deferred = self._deferred.pop(job.key, None)
+            if deferred is not None:
+                self._finish(job, error=deferred[1])
+            elif job not in self._active:
+                continue
+            elif call.error is not None:
+                self._finish(job, error=call.error)
+            elif job.done and not self._awaits_decoder(job):
+                self._finish(job)
+        return True
+
+    def _awaits_decoder(self, job: Job) -> bool:
+        """Whether a block of `job` waits for the decoder or is being decoded."""
+        return job.key in self._blocks or (self._lane is not None and self._lane.holds(job))
 
     def _may_wait(self, block: AudioBlock, runnable: int) -> bool:
         hold = self.hold
