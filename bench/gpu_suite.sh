@@ -43,7 +43,7 @@ part tests 90 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
     tests/test_lm_fused_step.py
 part lm 150 "$py" -m bench.bench_lm --full --modes "${LM_MODES-bf16}" \
     --decode-steps "${LM_STEPS:-dynamic,static,graphs,graphs-unfused}" --json "$out/lm.json"
-part engine 200 "$py" -m bench.bench_glm4voice --full --sections stages,concurrency \
+part engine 280 "$py" -m bench.bench_glm4voice --full --sections stages,concurrency \
     --repeats 1 --json "$out/engine.json"
 part decoder 120 "$py" -m bench.bench_glm4voice --full --sections decoder --repeats 1 \
     --decoder-tokens 80 --json "$out/decoder.json"
