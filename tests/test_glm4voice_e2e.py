@@ -272,6 +272,37 @@ async def test_concurrent_replies_share_batched_steps_and_get_their_own_answers(
         assert len(_audio(events)) / 22_050 == pytest.approx(36 * 0.08, abs=0.05)
 
 
+async def test_replies_cancelled_at_any_point_leave_no_rows_streams_or_threads_behind(
+    tiny_paths, tokenizer
+):
+    """Overlapping replies cancelled before, during and after their first audio: each
+    conversation's next turn still works, and nothing of them is left in the engine."""
+    threads_before = {t.name for t in threading.enumerate()}
+    engine = await _started(tiny_paths, tokenizer, answer_ids=120, max_ahead_s=1000.0)
+    try:
+        history: list = []
+        for cycle in range(6):
+            replies = [engine.respond(UserTurn(text=f"hi {cycle} {i}"), history) for i in range(3)]
+            await asyncio.sleep(0.01 * cycle)  # some not started yet, some decoding
+            await _first_audio(replies[1])
+            await asyncio.gather(*(reply.cancel() for reply in replies))
+            cut = replies[1].history(0.1)
+            assert cut[1].interrupted
+            history = [*history, *cut]
+        last = engine.respond(UserTurn(text="and now"), history)
+        events = await asyncio.wait_for(_collect(last), 60)
+        worker = engine.require_worker()
+        brain = engine.brain
+        assert worker.active_jobs == 0 and not worker._blocks and not worker._deferred
+        assert brain.sequences.live_keys == []
+    finally:
+        await engine.close()
+    assert any(isinstance(e, AudioChunk) for e in events)
+    assert last.job.reused_ids > 0  # the history's keys/values were kept for it
+    leftover = {t.name for t in threading.enumerate()} - threads_before
+    assert not {name for name in leftover if name.startswith("glm4voice")}
+
+
 # ----------------------------------------------------------------------------- over WebRTC
 
 
