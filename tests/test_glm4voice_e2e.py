@@ -268,6 +268,8 @@ async def test_concurrent_replies_share_batched_steps_and_get_their_own_answers(
         await engine.close()
     assert max(sizes) == 3
     for reply, events in zip(replies, results, strict=True):
+        # a typed first turn: its system prompt's keys/values were kept by the warm-up
+        assert reply.job.reused_ids >= 16
         _check_events(events, tokenizer, reply.job.generated)
         assert len(_audio(events)) / 22_050 == pytest.approx(36 * 0.08, abs=0.05)
 

@@ -366,14 +366,19 @@ class GLM4VoiceBrain:
 
     def warm_up(self, max_batch: int) -> dict[str, float]:
         """Every stage once on a synthetic turn: speech tokenizer (one-shot and streaming),
-        prefill, sampling, LM steps at each batch size the LM batch warms, one decoder block
-        per warm-up stream. Uses its own keys, streams and generator: no reply's state and
+        prefill (of a spoken and a typed turn: a cache that keeps prefixes then holds both
+        system prompts), sampling, LM steps at each batch size the LM batch warms, one
+        decoder block per warm-up stream. Uses its own keys, streams and generator: no reply's state and
         no sampling stream is touched. Returns seconds per stage."""
         stages: dict[str, float] = {}
         with _timed(stages, "speech_tokenizer"):
             codes = self._warm_speech_tokenizer()
         prompt = build_prompt("", audio_tokens_text(codes), "audio")
         self._warm_lm(self.tokenizer.encode(prompt), max_batch, stages)
+        with _timed(stages, "prefill"):  # where kept, both system prompts' keys/values stay
+            key = ("warm-up", "text")
+            self.sequences.prefill(key, self.tokenizer.encode(build_prompt("", "hello", "text")))
+            self.sequences.release(key)
         with _timed(stages, "decoder"):
             self._warm_decoder(max_batch)
         return stages
