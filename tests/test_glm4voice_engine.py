@@ -882,11 +882,12 @@ async def test_a_reply_cancelled_while_its_block_decodes_ends_when_that_call_ret
         cancelling = asyncio.create_task(reply.cancel())
         await asyncio.sleep(0.1)
         assert not cancelling.done()  # the decoder still works on its stream
-        assert reply.job.key not in brain.released
+        assert not reply.job.finished.is_set()
+        assert reply.job.key in brain.released  # its LM row is free already
         chunks_before = len(reply.job.generated)
         brain.release_decoder.set()
         await asyncio.wait_for(cancelling, 10)
-        assert reply.job.key in brain.released
+        assert await asyncio.to_thread(reply.job.finished.wait, 5)
         assert len(reply.job.generated) <= chunks_before + 1
         # The worker serves the next reply.
         brain.script = [*brain.script[:39], STOP]
@@ -933,3 +934,33 @@ async def test_the_lm_runs_at_most_two_blocks_ahead_of_a_slow_decoder():
     # A call decodes what waited for it: never more than the two blocks of the limit (plus
     # the final rest), however fast the LM is.
     assert max(len(codes) for codes, _ in brain.decoded_blocks) <= 20
+
+
+def test_a_finished_answer_gives_its_lm_row_back_before_its_last_block_is_decoded():
+    brain = SlowDecoderBrain(rounds=1, decode_s=0.0)
+    brain.max_sequences = 1
+    worker = ModelWorker(brain, overlap_decoder=True)
+    events: list[list] = [[], []]
+    jobs = [_job(str(i), events[i]) for i in range(2)]
+    for job in jobs:
+        worker.submit(job)
+    try:
+        while jobs[0].blocks_done == 0:  # the first block decodes with the LM waiting
+            worker._round()
+        assert [job.started for job in jobs] == [True, False]  # one LM row
+        brain.release_decoder.clear()  # later decoder calls wait until released
+        while not jobs[0].done:
+            worker._round()
+        # Its stop id came while its second block was being decoded.
+        assert jobs[0].lm_released and jobs[0].key in brain.released
+        assert not jobs[0].finished.is_set()
+        worker._round()
+        assert jobs[1].started  # it got the row before the first reply's audio was done
+    finally:
+        brain.release_decoder.set()
+        while not all(job.finished.is_set() for job in jobs):
+            worker._round()
+        worker.overlap_decoder = False
+        worker._sync_lane()  # stops the lane's thread
+    assert worker._lane is None
+    assert all(_audio_samples(ev) == 26 * SAMPLES_PER_TOKEN for ev in events)

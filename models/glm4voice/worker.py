@@ -258,6 +258,7 @@ class Job:
     pending_codes: list[int] = field(default_factory=list)
     blocks_done: int = 0  # blocks decoded and delivered
     blocks_queued: int = 0  # blocks handed to the decoder queue (some may not be done yet)
+    lm_released: bool = False  # its LM state was given back (it may still await its audio)
     audio_tokens_decoded: int = 0
     audio_samples_emitted: int = 0
     consumed_s: float = 0.0  # written by the consumer: seconds of audio handed to playback
@@ -527,7 +528,7 @@ class ModelWorker:
         can start in one call (their prompts are prefilled together); True when any start
         was tried."""
         limit = self.brain.max_sequences
-        running = sum(1 for job in self._active if job.started)
+        running = sum(1 for job in self._active if job.started and not job.lm_released)
         waiting = [j for j in self._active if not j.started]
         if limit is not None:
             waiting = waiting[: max(0, limit - running)]
@@ -611,21 +612,25 @@ class ModelWorker:
         limit = 2 * (self.brain.block_tokens or 1)
         return waiting is not None and len(waiting.codes) >= limit
 
-    def _finish(self, job: Job, error: BaseException | None = None) -> None:
-        if self._lane is not None and self._lane.holds(job):
-            # the lane is decoding a block of it: end it once that call returns
-            self._deferred.setdefault(job.key, (job, error))
-            if job in self._active:
-                self._active.remove(job)
-            self._blocks.pop(job.key, None)
+    def _release_lm(self, job: Job) -> None:
+        """Give the job's LM state back (once): its row can take another reply."""
+        if job.lm_released:
             return
-        if job in self._active:
-            self._active.remove(job)
-        self._blocks.pop(job.key, None)
+        job.lm_released = True
         try:
             self.brain.release(job)
         except Exception:
             logger.exception("releasing a reply's model state failed")
+
+    def _finish(self, job: Job, error: BaseException | None = None) -> None:
+        if job in self._active:
+            self._active.remove(job)
+        self._blocks.pop(job.key, None)
+        self._release_lm(job)
+        if self._lane is not None and self._lane.holds(job):
+            # the lane is decoding a block of it: end it once that call returns
+            self._deferred.setdefault(job.key, (job, error))
+            return
         job.logits = None
         job.decoder_state = None
         if job.listener is not None:
@@ -657,8 +662,10 @@ class ModelWorker:
             if job not in self._active:
                 continue  # its decoder block failed
             if job.done:
-                if not self._awaits_decoder(job):
-                    self._finish(job)  # else once its last block is decoded
+                if self._awaits_decoder(job):  # finished once its last block is decoded
+                    self._release_lm(job)
+                else:
+                    self._finish(job)
             else:
                 continuing.append((job, token))
         if continuing:
