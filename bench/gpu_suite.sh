@@ -39,7 +39,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$py" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', \
 transformers.__version__, '|', torch.cuda.get_device_name())" || exit 1
 
-part tests 90 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
+part tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py \
     tests/test_lm_fused_step.py
 part lm 150 "$py" -m bench.bench_lm --full --modes "${LM_MODES-bf16}" \
     --decode-steps "${LM_STEPS:-dynamic,static,graphs,graphs-unfused}" --json "$out/lm.json"

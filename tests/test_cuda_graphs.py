@@ -137,3 +137,61 @@ def test_steady_blocks_replay_the_recorded_graphs(tmp_path):
     assert {part: decoder._graphs[part].recorded for part in GRAPH_PARTS} == recorded
     assert decoder.graphed_parts == GRAPH_PARTS
     torch.testing.assert_close(second, first, atol=0, rtol=0)  # same seed, same kernels
+
+
+def test_the_engine_with_its_decoder_lane_sounds_like_the_engine_without_it(tmp_path, caplog):
+    """On a GPU the lane decodes on its own CUDA stream, recording decoder graphs while the
+    LM thread steps (and records) on the default one: no capture may fail, and each reply
+    gets the audio it gets with every decoder call on the worker's thread."""
+    import asyncio
+    import logging
+
+    import numpy as np
+
+    from agent.engine import AudioChunk, UserTurn
+    from models.glm4voice.brain import LoadOptions
+    from models.glm4voice.engine import EngineOptions, load_engine
+    from models.glm4voice.tokens import TokenConstraints, TokenPattern
+    from models.lm import SamplingConfig
+    from models.make_tiny import write_tiny_model_set
+
+    paths = write_tiny_model_set(tmp_path)
+    # Greedy, in float32: the answers do not depend on which replies step together (with the
+    # lane a reply may sit out a round while the decoder catches up).
+    load = LoadOptions(
+        device="cuda",
+        lm_dtype=torch.float32,
+        sampling=SamplingConfig(temperature=0.0, seed=0),
+        constraints=TokenConstraints(None, TokenPattern(stop_after=120)),
+    )
+
+    async def answers(lane: bool) -> list[tuple[list[int], np.ndarray]]:
+        engine = load_engine(paths, load, EngineOptions(overlap_decoder=lane, max_ahead_s=1e9))
+        await engine.start()
+        try:
+            replies = [engine.respond(UserTurn(text=f"hello {i}"), []) for i in range(3)]
+            events = await asyncio.gather(*(_collect(reply) for reply in replies))
+        finally:
+            await engine.close()
+        out = []
+        for reply, reply_events in zip(replies, events, strict=True):
+            chunks = [e.samples for e in reply_events if isinstance(e, AudioChunk)]
+            out.append((list(reply.job.generated), np.concatenate(chunks)))
+        return out
+
+    with caplog.at_level(logging.WARNING):
+        with_lane = asyncio.run(answers(True))
+    failures = [r for r in caplog.records if r.levelno >= logging.WARNING and "graph" in r.msg]
+    assert not failures, [r.getMessage() for r in failures]
+    without = asyncio.run(answers(False))
+    for (ids, audio), (plain_ids, plain_audio) in zip(with_lane, without, strict=True):
+        assert ids == plain_ids
+        assert audio.shape == plain_audio.shape
+        distance = log_mel_distance(
+            torch.from_numpy(audio)[None], torch.from_numpy(plain_audio)[None]
+        )
+        assert distance.overall < 0.05, distance
+
+
+async def _collect(reply) -> list:
+    return [event async for event in reply]
