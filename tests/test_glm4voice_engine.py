@@ -789,7 +789,7 @@ def test_blocks_do_not_wait_when_playback_is_close_behind():
     assert [len(call) for call in brain.decode_calls] == UNHELD_CALLS
 
 
-async def test_model_step_times_are_exported_as_metrics():
+async def test_model_step_times_and_queue_depths_are_exported_as_metrics():
     from agent import metrics
 
     def count(stage: str) -> float:
@@ -804,6 +804,11 @@ async def test_model_step_times_are_exported_as_metrics():
         await engine.close()
     after = {stage: count(stage) for stage in before}
     assert all(after[stage] > before[stage] for stage in before), (before, after)
+    from prometheus_client import generate_latest
+
+    text = generate_latest().decode()
+    for queue in ("engine_replies_active", "decoder_blocks_waiting"):
+        assert f'voice_agent_queue_depth{{queue="{queue}"}}' in text
 
 
 # ----------------------------------------------------------------------------- decoder lane

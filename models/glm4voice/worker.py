@@ -515,6 +515,7 @@ class ModelWorker:
             and not self._decoder_behind(j)
         ]
         metrics.QUEUE_DEPTH.labels(queue="engine_replies_active").set(len(self._active))
+        metrics.QUEUE_DEPTH.labels(queue="decoder_blocks_waiting").set(len(self._blocks))
         if runnable:
             self._step(runnable)
             worked = True
