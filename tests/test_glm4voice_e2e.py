@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from models.decoder import AudioDecoder, StreamingDecoder
 from models.glm4voice import GLM4VoiceEngine, ModelPaths, load_engine
 from models.glm4voice.brain import GLM4VoiceBrain, LoadOptions
 from models.glm4voice.engine import EngineOptions
+from models.glm4voice.static_batch import StaticCacheConfig
 from models.glm4voice.tokens import TokenConstraints, TokenPattern
 from models.glm4voice.worker import BlockHold, Job, ModelWorker
 from models.lm import GLM4VoiceTokenizer, SamplingConfig, audio_tokens_text, build_prompt
@@ -303,6 +305,38 @@ async def test_replies_cancelled_at_any_point_leave_no_rows_streams_or_threads_b
     assert last.job.reused_ids > 0  # the history's keys/values were kept for it
     leftover = {t.name for t in threading.enumerate()} - threads_before
     assert not {name for name in leftover if name.startswith("glm4voice")}
+
+
+async def test_a_conversation_longer_than_the_context_drops_its_oldest_exchanges(
+    tiny_paths, tokenizer
+):
+    """With room for 600 ids and answers of up to 100, a prompt may take 500: the history is
+    cut down to 3/4 of that, oldest exchanges first, the system prompt kept; every turn is
+    answered."""
+    load = replace(
+        _load_options(tokenizer, answer_ids=40),
+        static_cache=StaticCacheConfig(max_batch=2, max_len=600),
+    )
+    engine = load_engine(tiny_paths, load, EngineOptions(max_new_tokens=100, warmup=False))
+    await engine.start()
+    history: list = []
+    prompts: list[list[int]] = []
+    try:
+        for turn in range(12):
+            reply = engine.respond(UserTurn(text=f"turn {turn}"), history)
+            events = await _collect(reply)
+            assert any(isinstance(e, AudioChunk) for e in events)
+            history = [*history, *reply.history(None)]
+            prompts.append(tokenizer.encode(reply.job.prompt))
+    finally:
+        await engine.close()
+    assert max(len(ids) for ids in prompts) <= 500
+    last = history[-2].payload
+    assert last.startswith("<|system|>") and last.count("<|system|>") == 1
+    assert "turn 11" in last and "turn 0<" not in last
+    # after a cut the next turns continue the kept history (not one cut per turn)
+    cuts = [i for i in range(1, 12) if prompts[i][: len(prompts[i - 1])] != prompts[i - 1]]
+    assert 1 <= len(cuts) <= 3
 
 
 # ----------------------------------------------------------------------------- over WebRTC

@@ -17,6 +17,7 @@ from models.lm import (
     history_after_reply,
     history_ids_after_reply,
 )
+from models.lm.prompt import split_history
 from models.lm.tiny import write_tiny_tokenizer
 
 SPEECH_SYS = (
@@ -155,6 +156,20 @@ def test_first_text_turn_prompt_is_byte_exact() -> None:
         + TEXT_SYS
         + "<|user|>\nWhat is the weather today?<|assistant|>streaming_transcription\n"
     )
+
+
+def test_a_history_splits_into_its_system_prompt_and_exchanges_and_joins_back() -> None:
+    first = build_prompt("", audio_tokens_text([1, 2]), "audio") + "Hi<|audio_3|>"
+    history = build_prompt(first, "and you?", "text") + "Fine<|audio_4|>"
+    head, exchanges = split_history(history)
+    assert head == "<|system|>\n" + SPEECH_SYS
+    assert exchanges == [
+        "<|user|>\n<|begin_of_audio|><|audio_1|><|audio_2|><|end_of_audio|>"
+        "<|assistant|>streaming_transcription\nHi<|audio_3|>",
+        "<|user|>\nand you?<|assistant|>streaming_transcription\nFine<|audio_4|>",
+    ]
+    assert head + "".join(exchanges) == history
+    assert split_history("") == ("", [])
 
 
 def test_multi_turn_history_keeps_one_system_prompt_and_strips(tok: GLM4VoiceTokenizer) -> None:

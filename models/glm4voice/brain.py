@@ -25,7 +25,7 @@ from models.glm4voice.tokens import TokenConstraints, TokenMasks, sample_nucleus
 from models.glm4voice.worker import AudioBlock, Job, TextStream, TurnListener
 from models.lm import GLM4VoiceTokenizer, LMStepper, SamplingConfig, load_lm
 from models.lm.loading import check_checkpoint
-from models.lm.prompt import audio_tokens_text, build_prompt
+from models.lm.prompt import audio_tokens_text, build_prompt, split_history
 from models.speech_tokenizer import SpeechTokenizer
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ DECODE_STEPS: tuple[str, ...] = ("auto", "dynamic", "static", "graphs", "compile
 
 WARM_UP_SPEECH_S = 1.5  # synthetic speech the warm-up tokenizes
 PREFILL_BATCH_IDS = 16_384  # padded prompt ids (rows x longest) of one batched prefill
+# A history too long for the context is cut down to this share of the room it may take.
+HISTORY_FIT = 0.75
 # LM steps per warmed batch size: a CUDA-graph step is recorded (or compiled), then replayed.
 WARM_UP_STEPS = 3
 WARM_UP_STREAMS = 2  # decoder streams of the warm-up (batched when the decoder batches)
@@ -193,6 +195,8 @@ class GLM4VoiceBrain:
         self.batch_decoder = True  # see `LoadOptions.batch_decoder`
         # Replies that can hold LM state at once (None: no limit).
         self.max_sequences: int | None = getattr(sequences, "max_sequences", None)
+        # Ids a sequence may hold (prompt and answer); None: no known limit.
+        self.context_ids: int | None = _context_ids(sequences)
 
     @classmethod
     def load(cls, paths: ModelPaths, options: LoadOptions) -> GLM4VoiceBrain:
@@ -299,8 +303,7 @@ class GLM4VoiceBrain:
         for index, job in enumerate(jobs):
             try:
                 user_input, mode = self.user_input(job)
-                job.prompt = build_prompt(job.history_prefix, user_input, mode)  # type: ignore[arg-type]
-                prepared.append((job, self.tokenizer.encode(job.prompt)))
+                prepared.append((job, self._fitted_prompt(job, user_input, mode)))
             except Exception as exc:
                 logger.exception("could not build a reply's prompt")
                 errors[index] = exc
@@ -310,6 +313,39 @@ class GLM4VoiceBrain:
         for index, job in enumerate(jobs):
             errors[index] = errors[index] or failed.get(id(job))
         return errors
+
+    def _fitted_prompt(self, job: Job, user_input: str, mode: str) -> list[int]:
+        """Build the job's prompt and return its ids. Where the prompt and the longest answer
+        (`max_new_tokens`) would not fit the context, the oldest exchanges of the history are
+        dropped (the system prompt stays) down to `HISTORY_FIT` of the room, so that the next
+        turns continue the same kept history instead of dropping one exchange each."""
+        job.prompt = build_prompt(job.history_prefix, user_input, mode)  # type: ignore[arg-type]
+        ids = self.tokenizer.encode(job.prompt)
+        if self.context_ids is None:
+            return ids
+        room = self.context_ids - job.max_new_tokens
+        if len(ids) <= room:
+            return ids
+        head, exchanges = split_history(job.history_prefix.strip())
+        dropped = 0
+        while exchanges and len(ids) > HISTORY_FIT * room:
+            exchanges = exchanges[1:]
+            dropped += 1
+            # with no exchange left, the turn starts afresh (its own input's system prompt)
+            kept = head + "".join(exchanges) if exchanges else ""
+            job.prompt = build_prompt(kept, user_input, mode)  # type: ignore[arg-type]
+            ids = self.tokenizer.encode(job.prompt)
+        if len(ids) > room:
+            raise ValueError(
+                f"this turn alone takes {len(ids)} prompt ids; with room for a "
+                f"{job.max_new_tokens}-id answer at most {room} fit the model's context"
+            )
+        logger.info(
+            "dropped the %d oldest exchanges of a conversation to fit the context (%d ids left)",
+            dropped,
+            len(ids),
+        )
+        return ids
 
     def _prefill_group(
         self, group: list[tuple[Job, list[int]]], failed: dict[int, BaseException]
@@ -439,6 +475,16 @@ class GLM4VoiceBrain:
                 final = index == n_blocks - 1
                 requests = [(state, part, final) for state in states]
                 self.reply_decoder.decode_many(requests, batched=self.batch_decoder)
+
+
+def _context_ids(sequences: SequenceBatch) -> int | None:
+    """The ids one sequence may hold: the static cache's columns, else the LM's positions."""
+    config = getattr(sequences, "config", None)
+    if isinstance(config, StaticCacheConfig):
+        return config.max_len
+    model = getattr(getattr(sequences, "stepper", None), "model", None)
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return positions if isinstance(positions, int) else None
 
 
 def _prefill_groups(

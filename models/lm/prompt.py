@@ -65,6 +65,16 @@ def build_prompt(history_prefix: str, user_input: str, input_mode: InputMode) ->
     return inputs + _turn_suffix(user_input)
 
 
+def split_history(history_prefix: str) -> tuple[str, list[str]]:
+    """A history prefix as (what comes before its first user turn: the system prompt,
+    exchanges): each exchange is a user turn and the answer to it, from its `<|user|>` on.
+    Joined back together they give `history_prefix` again."""
+    head, tag, rest = history_prefix.partition(USER_TAG)
+    if not tag:
+        return history_prefix, []
+    return head, [USER_TAG + part for part in rest.split(USER_TAG)]
+
+
 def _without_final_user(completion_ids: Sequence[int], tokenizer: GLM4VoiceTokenizer) -> list[int]:
     ids = list(completion_ids)
     if ids and ids[-1] == tokenizer.user_id:
