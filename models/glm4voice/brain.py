@@ -25,7 +25,7 @@ from models.glm4voice.tokens import TokenConstraints, TokenMasks, sample_nucleus
 from models.glm4voice.worker import AudioBlock, Job, TextStream, TurnListener
 from models.lm import GLM4VoiceTokenizer, LMStepper, SamplingConfig, load_lm
 from models.lm.loading import check_checkpoint
-from models.lm.prompt import audio_tokens_text, build_prompt, split_history
+from models.lm.prompt import InputMode, audio_tokens_text, build_prompt, split_history
 from models.speech_tokenizer import SpeechTokenizer
 
 logger = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ class GLM4VoiceBrain:
 
     # ------------------------------------------------------------------ units of work
 
-    def user_input(self, job: Job) -> tuple[str, str]:
+    def user_input(self, job: Job) -> tuple[str, InputMode]:
         """The user's turn as prompt text, and the input mode ("audio" or "text")."""
         if job.turn_text is not None:
             return job.turn_text, "text"
@@ -314,12 +314,12 @@ class GLM4VoiceBrain:
             errors[index] = errors[index] or failed.get(id(job))
         return errors
 
-    def _fitted_prompt(self, job: Job, user_input: str, mode: str) -> list[int]:
+    def _fitted_prompt(self, job: Job, user_input: str, mode: InputMode) -> list[int]:
         """Build the job's prompt and return its ids. Where the prompt and the longest answer
         (`max_new_tokens`) would not fit the context, the oldest exchanges of the history are
         dropped (the system prompt stays) down to `HISTORY_FIT` of the room, so that the next
         turns continue the same kept history instead of dropping one exchange each."""
-        job.prompt = build_prompt(job.history_prefix, user_input, mode)  # type: ignore[arg-type]
+        job.prompt = build_prompt(job.history_prefix, user_input, mode)
         ids = self.tokenizer.encode(job.prompt)
         if self.context_ids is None:
             return ids
@@ -333,7 +333,7 @@ class GLM4VoiceBrain:
             dropped += 1
             # with no exchange left, the turn starts afresh (its own input's system prompt)
             kept = head + "".join(exchanges) if exchanges else ""
-            job.prompt = build_prompt(kept, user_input, mode)  # type: ignore[arg-type]
+            job.prompt = build_prompt(kept, user_input, mode)
             ids = self.tokenizer.encode(job.prompt)
         if len(ids) > room:
             raise ValueError(

@@ -331,20 +331,17 @@ class DecoderLane:
         if not self.busy:
             return None
         try:
-            done = (
-                self._results.get(timeout=timeout) if timeout != 0 else self._results.get_nowait()
-            )
+            done = self._results.get(block=timeout != 0, timeout=timeout)
         except queue.Empty:
             return None
         self.in_flight = []
         return done
 
-    def close(self, timeout: float = 30.0) -> DecodedCall | None:
-        """Stop the thread once the call under way (if any) has finished; returns that call."""
-        done = self.poll(timeout=timeout) if self.busy else None
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread once the call under way (if any) has finished."""
+        self.poll(timeout=timeout)
         self._requests.put(None)
         self._thread.join(timeout)
-        return done
 
     def _run(self) -> None:
         import torch
