@@ -4,7 +4,8 @@ Who updates what:
 - sessions: `SESSIONS_ACTIVE`, `SESSIONS_TOTAL` (agent.session); `SESSION_DURATION_SECONDS`,
   `SESSIONS_CLOSED_TOTAL{reason}`, `OFFERS_TOTAL{result}` (signaling)
 - turns: `TURNS_TOTAL{kind}`, `INTERRUPTIONS_TOTAL{reason}` (reason "barge-in" counts barge-ins),
-  `DUCKS_TOTAL{outcome}` (provisional barge-ins), `FIRST_AUDIO_SECONDS`, `STOP_LATENCY_SECONDS`, `ENGINE_ERRORS_TOTAL`, `ERRORS_TOTAL{kind}`
+  `DUCKS_TOTAL{outcome}` (provisional barge-ins),
+  `EARLY_REPLIES_TOTAL{outcome}` (replies started at a pause), `FIRST_AUDIO_SECONDS`, `STOP_LATENCY_SECONDS`, `ENGINE_ERRORS_TOTAL`, `ERRORS_TOTAL{kind}`
 - engines: `MODEL_STEP_SECONDS{stage}` per model step (LM step, decoder block, ...),
   `PROMPT_IDS_TOTAL{source}` (prompt ids reused from the previous turn or prefilled)
 - queues: `QUEUE_DEPTH{queue}` sampled by their owners or at scrape time
@@ -37,6 +38,12 @@ FIRST_AUDIO_SECONDS = Histogram(
     "voice_agent_first_audio_seconds",
     "From the user's actual stop to the first answer audio frame leaving the server",
     buckets=(0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0),
+)
+EARLY_REPLIES_TOTAL = Counter(
+    "voice_agent_early_replies_total",
+    "Replies started at a pause in the user's speech, by outcome (used: the turn ended there;"
+    " dropped: the user went on, or the turn changed)",
+    ["outcome"],
 )
 DUCKS_TOTAL = Counter(
     "voice_agent_ducks_total",
@@ -113,6 +120,7 @@ __all__ = [
     "FIRST_AUDIO_SECONDS",
     "INTERRUPTIONS_TOTAL",
     "DUCKS_TOTAL",
+    "EARLY_REPLIES_TOTAL",
     "MODEL_STEP_SECONDS",
     "OFFERS_TOTAL",
     "OUT_OF_MEMORY_MESSAGE",

@@ -3,7 +3,7 @@
     inbound track (av.AudioFrame, any rate/layout; browsers send 48 kHz stereo s16)
       -> mono float32 -> 16 kHz -> 10 ms frames
       -> echo canceller, fed the exact audio the outbound track sent, also at 16 kHz / 10 ms
-      -> endpointer (turns) and barge-in detector (speech over the answer)
+      -> endpointer (turns, and pauses in them) and barge-in detector (speech over the answer)
       -> TurnManager -> engine -> AgentAudioTrack (48 kHz mono, 20 ms)
 
 The server-side canceller (`SessionConfig.echo_canceller`, AEC3 when installed) backs up the
@@ -52,6 +52,8 @@ from audio_dsp import (
     EndpointerConfig,
     FrameChunker,
     SpeechEnded,
+    SpeechPaused,
+    SpeechResumed,
     SpeechStarted,
     StreamResampler,
     create_canceller,
@@ -257,13 +259,21 @@ class Session:
         await self.turns.on_speech_progress(evidence_ms, onset_ms)
         voiced = (self.bargein.last_counted and evidence_ms > 0) if audible else None
         events = self.endpointer.process(frame, voiced)
-        if not events and self._listener is not None and self.endpointer.in_speech:
+        started = any(isinstance(event, SpeechStarted) for event in events)
+        if not started and self._listener is not None and self.endpointer.in_speech:
             self._listener.push(frame)
         for event in events:
             if isinstance(event, SpeechStarted):
                 self.log.info("speech started (onset %.2f s)", event.onset_s)
                 self._start_listener()
                 await self.turns.on_speech_started(event)
+            elif isinstance(event, SpeechPaused):
+                if await self.turns.on_speech_paused(event, self._listener):
+                    self._listener = None  # the early reply has it
+            elif isinstance(event, SpeechResumed):
+                await self.turns.on_speech_resumed()
+                if self._listener is None:
+                    self._start_listener()  # hears the speech so far, then the rest
             elif isinstance(event, SpeechEnded):
                 await self._on_speech_ended(event)
 

@@ -15,7 +15,12 @@ States: `listening` (waiting for the user), `thinking` (a reply was requested, n
   audio, tells the client to `flush`, stops the streaming task), then cancels the reply and keeps
   in the history only the part of the answer that was sent, marked interrupted,
 - if the user starts talking again while the agent is still thinking, drops that reply and later
-  answers the earlier and the new speech together as one turn, so nothing said is lost.
+  answers the earlier and the new speech together as one turn, so nothing said is lost,
+- starts a reply early, when the user pauses (`on_speech_paused`, `pause_ms` of silence, well
+  before the hangover ends the turn): it runs out of sight, fetching events up to its first
+  audio, and is used as the turn's answer if the turn ends at that pause with the history
+  unchanged; if the user goes on (`on_speech_resumed`) or anything else happens first, it is
+  cancelled and leaves no trace. The engine's work then overlaps the hangover.
 
 Every public handler runs under one lock, so handlers never interleave. Ducking and silencing
 change no state that an awaiting handler depends on, so they run at once, without the lock.
@@ -27,7 +32,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -40,6 +45,7 @@ from agent.engine import (
     EngineError,
     HistoryItem,
     Reply,
+    ReplyEvent,
     TextDelta,
     TurnListener,
     UserTranscript,
@@ -47,7 +53,7 @@ from agent.engine import (
 )
 from agent.protocol import encode
 from agent.tasks import cancel_and_wait
-from audio_dsp import SpeechEnded, SpeechStarted, StreamResampler
+from audio_dsp import SpeechEnded, SpeechPaused, SpeechStarted, StreamResampler
 
 MAX_RECORDS = 1000
 
@@ -112,6 +118,7 @@ class TurnRecord:
     requested: float  # when the engine was asked
     first_audio_sent: float | None = None
     interrupted: bool = False
+    early: bool = False  # the engine was asked at a pause, before the turn ended
     stages: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -122,11 +129,75 @@ class TurnRecord:
         return self.first_audio_sent - self.user_stop
 
 
+class _EarlyReply:
+    """A reply started at a pause in the user's speech, before the turn is known to end.
+
+    A task fetches its events, keeping them, up to and with the first audio chunk (an engine
+    may do its work only while it is read); `events()` then gives those and the rest.
+    """
+
+    def __init__(
+        self,
+        pause: SpeechPaused,
+        turn: UserTurn,
+        reply: Reply,
+        history_version: int,
+        requested: float,
+    ) -> None:
+        self.pause = pause
+        self.requested = requested  # clock time the engine was asked
+        self.turn = turn
+        self.reply = reply
+        self.history_version = history_version
+        self._iterator = aiter(reply)
+        self._kept: list[ReplyEvent] = []
+        self._more = asyncio.Event()
+        self._ended = False
+        self.fetch = asyncio.create_task(self._fetch(), name="early-reply")
+
+    async def _fetch(self) -> None:
+        try:
+            while True:
+                try:
+                    event = await anext(self._iterator)
+                except StopAsyncIteration:
+                    self._ended = True
+                    return
+                self._kept.append(event)
+                self._more.set()
+                if isinstance(event, AudioChunk):
+                    return
+        finally:
+            self._more.set()
+
+    async def events(self) -> AsyncIterator[ReplyEvent]:
+        """Every event of the reply, in order; raises what the reply raised."""
+        index = 0
+        try:
+            while True:
+                while index < len(self._kept):
+                    yield self._kept[index]
+                    index += 1
+                if self.fetch.done():
+                    break
+                self._more.clear()
+                await self._more.wait()
+        finally:
+            if not self.fetch.done():  # the reader stopped (cancelled) before the fetch did
+                self.fetch.cancel()
+        self._kept.clear()
+        self.fetch.result()  # the reply's failure, if it failed
+        if not self._ended:
+            async for event in self._iterator:
+                yield event
+
+
 @dataclass
 class _ActiveReply:
     turn: UserTurn
     reply: Reply
     record: TurnRecord
+    events: AsyncIterable[ReplyEvent] | None = None  # default: the reply itself
     task: asyncio.Task[None] | None = None
     text: str = ""
     audio_start: int | None = None  # output.played_samples when its first audio was queued
@@ -169,6 +240,9 @@ class TurnManager:
         self._history: list[HistoryItem] = []
         self._active: _ActiveReply | None = None
         self._held_audio: np.ndarray | None = None  # speech whose reply was dropped mid-thought
+        self._early: _EarlyReply | None = None  # started at a pause in the speech in progress
+        self._dropping: set[asyncio.Task[None]] = set()  # early replies being cancelled
+        self._history_version = 0  # changes whenever the history does
         self._closed = False
         # Recent turns and state changes, newest last (for logs, metrics and benchmarks).
         self.records: deque[TurnRecord] = deque(maxlen=MAX_RECORDS)
@@ -255,26 +329,71 @@ class TurnManager:
         `listener` is the engine's ear that heard this speech as it was spoken, if any.
         """
         async with self._lock:
+            early, self._early = self._early, None
             if self._state == "speaking" or self._closed:
                 self._log.info("ignoring %.2f s of speech over the answer", event.duration_s)
                 if listener is not None:
                     listener.close()
+                self._drop_early(early)
                 return
-            audio = event.audio
+            audio = self._turn_audio(event.audio)
             if self._held_audio is not None:
-                audio = np.concatenate([self._held_audio, audio])
                 self._held_audio = None
                 if listener is not None:  # it heard only the second part
                     listener.close()
                     listener = None
             await self._stop_active(keep_history=True, reason="new-turn")
-            turn = UserTurn(audio=audio.astype(np.float32, copy=False), listener=listener)
+            if early is not None and self._early_fits(early, event):
+                if listener is not None:  # the early reply has its own
+                    listener.close()
+                self._adopt(early, user_stop)
+                return
+            self._drop_early(early)
+            turn = UserTurn(audio=audio, listener=listener)
             self._begin(turn, "audio", user_stop)
+
+    async def on_speech_paused(
+        self, event: SpeechPaused, listener: TurnListener | None = None
+    ) -> bool:
+        """The user paused: start answering the speech so far, out of sight (see module).
+
+        Only while listening; the reply is used if the turn then ends at this pause.
+        `listener`: the engine's ear on this speech; True when the early reply took it (the
+        caller then needs a new one if the user goes on).
+        """
+        async with self._lock:
+            self._drop_early(self._early)
+            self._early = None
+            if self._closed or self._state != "listening" or self._active is not None:
+                return False
+            if self._held_audio is not None:
+                listener = None  # it heard only the latest speech, not the held part
+            turn = UserTurn(audio=self._turn_audio(event.audio), listener=listener)
+            try:
+                reply = self.engine.respond(turn, list(self._history))
+            except Exception:  # the turn's own request, if it comes, reports the failure
+                self._log.warning("the engine refused an early reply", exc_info=True)
+                return False
+            version = self._history_version
+            self._early = _EarlyReply(event, turn, reply, version, self._clock())
+            pause_ms = 1000 * (event.detected_s - event.stop_s)
+            self._log.debug("early reply started at a %.0f ms pause", pause_ms)
+            return listener is not None
+
+    async def on_speech_resumed(self) -> None:
+        """The user went on after a pause: the early reply, if any, is dropped."""
+        async with self._lock:
+            if self._early is not None:
+                self._log.debug("user went on after a pause: early reply dropped")
+            self._drop_early(self._early)
+            self._early = None
 
     async def on_user_text(self, text: str) -> None:
         """A typed turn: it replaces whatever answer is in flight."""
         async with self._lock:
             self._held_audio = None
+            self._drop_early(self._early)
+            self._early = None
             await self._stop_active(keep_history=True, reason="new-turn")
             self._begin(UserTurn(text=text), "text", self._clock())
 
@@ -287,7 +406,11 @@ class TurnManager:
         """Stop any reply; the manager accepts nothing afterwards."""
         async with self._lock:
             self._closed = True
+            self._drop_early(self._early)
+            self._early = None
             await self._stop_active(keep_history=False, reason="closed")
+        while self._dropping:
+            await asyncio.wait(set(self._dropping))
 
     # -- reply lifecycle ---------------------------------------------------------------------
 
@@ -307,12 +430,61 @@ class TurnManager:
             metrics.record_reply_failure(exc)
             self._send(encode("error", message=_error_text(exc)))
             return
-        active = _ActiveReply(turn=turn, reply=reply, record=record)
+        self._run_reply(_ActiveReply(turn=turn, reply=reply, record=record), kind)
+
+    def _run_reply(self, active: _ActiveReply, kind: Literal["audio", "text"]) -> None:
         self._active = active
-        self.records.append(record)
+        self.records.append(active.record)
         metrics.TURNS_TOTAL.labels(kind=kind).inc()
         self._set_state("thinking")
         active.task = asyncio.create_task(self._run(active), name="reply")
+
+    # -- early replies ---------------------------------------------------------------------
+
+    def _turn_audio(self, audio: np.ndarray) -> np.ndarray:
+        """The turn's speech: any held earlier speech, then `audio` (float32)."""
+        if self._held_audio is not None:
+            audio = np.concatenate([self._held_audio, audio])
+        return audio.astype(np.float32, copy=False)
+
+    def _early_fits(self, early: _EarlyReply, event: SpeechEnded) -> bool:
+        """The early reply answers exactly this turn: it ended at that pause, the reply has
+        not failed, and the history it was given is still the history."""
+        fetch = early.fetch
+        failed = fetch.done() and not fetch.cancelled() and fetch.exception() is not None
+        return (
+            early.pause.ends(event)
+            and early.history_version == self._history_version
+            and not failed
+            and not self._closed
+        )
+
+    def _adopt(self, early: _EarlyReply, user_stop: float) -> None:
+        record = TurnRecord("audio", user_stop, requested=early.requested, early=True)
+        metrics.EARLY_REPLIES_TOTAL.labels(outcome="used").inc()
+        active = _ActiveReply(early.turn, early.reply, record, events=early.events())
+        self._run_reply(active, "audio")
+
+    def _drop_early(self, early: _EarlyReply | None) -> None:
+        """Cancel an early reply in the background (nothing waits for it but `close`)."""
+        if early is None:
+            return
+        metrics.EARLY_REPLIES_TOTAL.labels(outcome="dropped").inc()
+        task = asyncio.create_task(self._cancel_early(early), name="drop-early-reply")
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
+
+    async def _cancel_early(self, early: _EarlyReply) -> None:
+        fetch = early.fetch
+        if fetch.done() and not fetch.cancelled() and fetch.exception() is not None:
+            self._log.debug("a dropped early reply had failed: %s", fetch.exception())
+        await cancel_and_wait(fetch, self._log)
+        try:
+            await asyncio.wait_for(early.reply.cancel(), self.config.cancel_timeout_s)
+        except TimeoutError:
+            self._log.warning("engine took over %.1f s to cancel", self.config.cancel_timeout_s)
+        except Exception:
+            self._log.exception("engine failed to cancel an early reply")
 
     async def _run(self, active: _ActiveReply) -> None:
         try:
@@ -330,7 +502,7 @@ class TurnManager:
         self._finish(active, played_s=None, failed=False)
 
     async def _stream(self, active: _ActiveReply) -> None:
-        async for event in active.reply:
+        async for event in active.events or active.reply:
             if isinstance(event, UserTranscript):
                 self._send(encode("transcript", role="user", text=event.text, final=True))
             elif isinstance(event, TextDelta):
@@ -473,6 +645,7 @@ class TurnManager:
         self._log.info("first audio %.0f ms after the user stopped", latency * 1000)
 
     def _remember(self, items: list[HistoryItem]) -> None:
+        self._history_version += 1
         self._history.extend(items)
         excess = len(self._history) - self.config.max_history_items
         if excess > 0:

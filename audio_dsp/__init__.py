@@ -20,6 +20,8 @@ from audio_dsp.endpointer import (
     EndpointerConfig,
     EndpointerEvent,
     SpeechEnded,
+    SpeechPaused,
+    SpeechResumed,
     SpeechStarted,
 )
 from audio_dsp.frames import FrameChunker, frame_samples
@@ -46,6 +48,8 @@ __all__ = [
     "EndpointerEvent",
     "FrameChunker",
     "SpeechEnded",
+    "SpeechPaused",
+    "SpeechResumed",
     "SpeechStarted",
     "StreamResampler",
     "VoiceActivityDetector",

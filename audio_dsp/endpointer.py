@@ -9,6 +9,11 @@ The endpointer consumes fixed-size mono frames (10 ms at 16 kHz by default) and 
 The user actually stopped speaking at `SpeechEnded.stop_s`, which is `detected_s - hangover`:
 latency figures start there, not at the moment the endpointer noticed. The turn audio begins
 `preroll_ms` before the first voiced frame so the first syllable is never clipped.
+
+Between the two, after `pause_ms` of silence, `SpeechPaused` carries the turn as it would end
+if the silence lasted: the same stop and the same audio as the `SpeechEnded` that follows, so a
+reply can be started early and used if the turn does end there. A voiced frame after it (the
+user only paused) gives `SpeechResumed`, and the speech goes on.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ class EndpointerConfig:
     start_window_ms: int = 200
     # Silence after the last voiced frame that ends the turn (the user's pause for breath).
     hangover_ms: int = 700
+    # Silence after which the turn is reported as paused (`SpeechPaused`): a reply may start
+    # then, ahead of the hangover. At least `tail_ms`; 0 (or hangover_ms and above) = never.
+    pause_ms: int = 300
     # Audio kept before the first voiced frame, so the onset of the first syllable survives.
     preroll_ms: int = 300
     # Audio kept after the last voiced frame (trailing consonants are often unvoiced).
@@ -52,6 +60,8 @@ class EndpointerConfig:
             raise ValueError("hangover_ms must be at least one frame")
         if self.preroll_ms < 0 or self.tail_ms < 0:
             raise ValueError("preroll_ms and tail_ms must not be negative")
+        if 0 < self.pause_ms < self.tail_ms:
+            raise ValueError("pause_ms must be 0 or at least tail_ms")
         if self.max_turn_s * 1000 <= self.start_window_ms:
             raise ValueError("max_turn_s must be longer than the start window")
 
@@ -87,7 +97,37 @@ class SpeechEnded:
         return self.stop_s - self.onset_s
 
 
-EndpointerEvent = SpeechStarted | SpeechEnded
+@dataclass(frozen=True)
+class SpeechPaused:
+    """`pause_ms` of silence in the speech: the turn as it ends if the silence lasts.
+
+    Fields as in `SpeechEnded` (reason "silence"); if the turn ends at this pause, its
+    `SpeechEnded` has the same `onset_s`, `stop_s` and audio.
+    """
+
+    onset_s: float
+    stop_s: float
+    detected_s: float
+    audio: np.ndarray
+
+    def ends(self, event: SpeechEnded) -> bool:
+        """True when `event` ends the turn at this pause."""
+        return (
+            event.reason == "silence"
+            and event.onset_s == self.onset_s
+            and event.stop_s == self.stop_s
+            and len(event.audio) == len(self.audio)
+        )
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """Voice again after a `SpeechPaused`: the turn did not end there."""
+
+    detected_s: float
+
+
+EndpointerEvent = SpeechStarted | SpeechPaused | SpeechResumed | SpeechEnded
 
 
 class Endpointer:
@@ -104,6 +144,8 @@ class Endpointer:
         self._window = cfg.frames(cfg.start_window_ms)
         self._start_frames = cfg.frames(cfg.start_ms)
         self._hangover_frames = cfg.frames(cfg.hangover_ms)
+        pause_frames = cfg.frames(cfg.pause_ms)
+        self._pause_frames = pause_frames if pause_frames < self._hangover_frames else 0
         self._max_frames = round(cfg.max_turn_s / self._frame_s)
         self._history: deque[tuple[int, np.ndarray, bool]] = deque(
             maxlen=self._window + cfg.frames(cfg.preroll_ms)
@@ -114,6 +156,7 @@ class Endpointer:
         self._onset = 0  # frame index of the first voiced frame of the speech
         self._last_voiced = 0  # frame index of the last voiced frame of the speech
         self._voiced_count = 0
+        self._paused = False  # a SpeechPaused was sent for the current silence
 
     @property
     def in_speech(self) -> bool:
@@ -156,6 +199,7 @@ class Endpointer:
         self._speech = None
         self._history.clear()
         self._voiced_count = 0
+        self._paused = False
 
     def _idle_step(self, index: int, frame: np.ndarray, voiced: bool) -> list[EndpointerEvent]:
         self._history.append((index, frame, voiced))
@@ -180,28 +224,49 @@ class Endpointer:
     def _speech_step(self, index: int, frame: np.ndarray, voiced: bool) -> list[EndpointerEvent]:
         assert self._speech is not None
         self._speech.append(frame)
+        events: list[EndpointerEvent] = []
         if voiced:
             self._last_voiced = index
             self._voiced_count += 1
-        if index - self._last_voiced >= self._hangover_frames:
-            return [self._end_speech(self._last_voiced + 1, "silence")]
+            if self._paused:
+                self._paused = False
+                events.append(SpeechResumed(detected_s=self.now_s))
+        silent = index - self._last_voiced
+        if silent >= self._hangover_frames:
+            return [*events, self._end_speech(self._last_voiced + 1, "silence")]
         if self._index - self._onset >= self._max_frames:
-            return [self._end_speech(self._index, "max_length")]
-        return []
+            return [*events, self._end_speech(self._index, "max_length")]
+        if self._pause_frames and silent == self._pause_frames:
+            self._paused = True
+            stop = self._last_voiced + 1
+            events.append(
+                SpeechPaused(
+                    self._onset * self._frame_s,
+                    stop * self._frame_s,
+                    self.now_s,
+                    self._audio_until(stop),
+                )
+            )
+        return events
 
-    def _end_speech(self, stop: int, reason: Literal["silence", "max_length"]) -> SpeechEnded:
+    def _audio_until(self, stop: int) -> np.ndarray:
+        """The speech's audio up to frame `stop` plus the tail (as far as heard)."""
         assert self._speech is not None
         end = min(stop + self.config.frames(self.config.tail_ms), self._index)
         audio = np.concatenate(self._speech)[: (end - self._speech_first) * self.frame_size]
+        return audio.astype(np.float32, copy=False)
+
+    def _end_speech(self, stop: int, reason: Literal["silence", "max_length"]) -> SpeechEnded:
         event = SpeechEnded(
             onset_s=self._onset * self._frame_s,
             stop_s=stop * self._frame_s,
             detected_s=self.now_s,
-            audio=audio.astype(np.float32, copy=False),
+            audio=self._audio_until(stop),
             reason=reason,
         )
         self._speech = None
         self._voiced_count = 0
+        self._paused = False
         return event
 
 
@@ -210,5 +275,7 @@ __all__ = [
     "EndpointerConfig",
     "EndpointerEvent",
     "SpeechEnded",
+    "SpeechPaused",
+    "SpeechResumed",
     "SpeechStarted",
 ]

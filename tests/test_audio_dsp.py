@@ -12,8 +12,11 @@ from hypothesis import strategies as st
 from audio_dsp import (
     Endpointer,
     EndpointerConfig,
+    EndpointerEvent,
     FrameChunker,
     SpeechEnded,
+    SpeechPaused,
+    SpeechResumed,
     SpeechStarted,
     StreamResampler,
     VoiceActivityDetector,
@@ -160,10 +163,10 @@ def test_vad_rejects_frames_of_the_wrong_length() -> None:
 
 def run_timeline(
     voiced_spans: list[tuple[float, float]], total_s: float, config: EndpointerConfig
-) -> tuple[Endpointer, list[SpeechStarted | SpeechEnded]]:
+) -> tuple[Endpointer, list[EndpointerEvent]]:
     """Feed frames whose sample value is their index, voiced inside the given spans."""
     ep = Endpointer(config)
-    events: list[SpeechStarted | SpeechEnded] = []
+    events: list[EndpointerEvent] = []
     for i in range(round(total_s / FRAME_S)):
         t = i * FRAME_S + 1e-9
         voiced = any(a <= t < b for a, b in voiced_spans)
@@ -172,7 +175,7 @@ def run_timeline(
 
 
 def test_speech_from_half_a_second_to_two_and_a_half_gives_start_and_end() -> None:
-    cfg = EndpointerConfig(hangover_ms=700)
+    cfg = EndpointerConfig(hangover_ms=700, pause_ms=0)
     _, events = run_timeline([(0.5, 2.5)], 4.0, cfg)
     start, end = events
     assert isinstance(start, SpeechStarted) and isinstance(end, SpeechEnded)
@@ -201,14 +204,44 @@ def test_a_sixty_millisecond_click_does_not_start_a_turn() -> None:
 
 
 def test_pauses_shorter_than_the_hangover_stay_in_one_turn() -> None:
-    cfg = EndpointerConfig(hangover_ms=700)
+    cfg = EndpointerConfig(hangover_ms=700, pause_ms=300)
     _, events = run_timeline([(0.5, 1.5), (2.1, 3.0)], 5.0, cfg)
-    assert [type(e) for e in events] == [SpeechStarted, SpeechEnded]
-    assert events[1].stop_s == pytest.approx(3.0, abs=FRAME_S)
+    kinds = [SpeechStarted, SpeechPaused, SpeechResumed, SpeechPaused, SpeechEnded]
+    assert [type(e) for e in events] == kinds
+    assert events[-1].stop_s == pytest.approx(3.0, abs=FRAME_S)
+
+
+def test_a_pause_carries_the_turn_as_it_ends_if_the_silence_lasts() -> None:
+    cfg = EndpointerConfig(hangover_ms=700, pause_ms=300, preroll_ms=300, tail_ms=150)
+    _, events = run_timeline([(0.5, 1.5), (2.1, 3.0)], 5.0, cfg)
+    first_pause, resumed, pause, end = events[1:]
+    assert isinstance(first_pause, SpeechPaused) and isinstance(end, SpeechEnded)
+    assert first_pause.stop_s == pytest.approx(1.5, abs=FRAME_S)
+    assert first_pause.detected_s - first_pause.stop_s == pytest.approx(0.3, abs=1e-9)
+    assert resumed.detected_s == pytest.approx(2.1 + FRAME_S, abs=1e-9)
+    assert not first_pause.ends(end)  # the user went on after it
+    assert pause.ends(end)
+    assert (pause.onset_s, pause.stop_s) == (end.onset_s, end.stop_s)
+    np.testing.assert_array_equal(pause.audio, end.audio)
+    assert pause.audio[::160][-1] == pytest.approx(314)  # 3.0 s + 150 ms, last frame
+
+
+def test_no_pauses_are_reported_when_turned_off_or_not_shorter_than_the_hangover() -> None:
+    for cfg in (EndpointerConfig(pause_ms=0), EndpointerConfig(hangover_ms=300, pause_ms=300)):
+        _, events = run_timeline([(0.5, 1.5), (2.1, 3.0)], 5.0, cfg)
+        assert not any(isinstance(e, SpeechPaused | SpeechResumed) for e in events)
+
+
+def test_a_turn_cut_at_the_maximum_length_does_not_end_at_an_earlier_pause() -> None:
+    cfg = EndpointerConfig(max_turn_s=2.0, pause_ms=300)
+    _, events = run_timeline([(0.5, 1.0), (1.4, 6.0)], 6.5, cfg)
+    pauses = [e for e in events if isinstance(e, SpeechPaused)]
+    end = next(e for e in events if isinstance(e, SpeechEnded))
+    assert end.reason == "max_length" and pauses and not pauses[0].ends(end)
 
 
 def test_a_pause_longer_than_the_hangover_splits_turns() -> None:
-    cfg = EndpointerConfig(hangover_ms=600)
+    cfg = EndpointerConfig(hangover_ms=600, pause_ms=0)
     _, events = run_timeline([(0.5, 1.5), (2.3, 3.0)], 5.0, cfg)
     assert [type(e) for e in events] == [SpeechStarted, SpeechEnded] * 2
     assert events[1].stop_s == pytest.approx(1.5, abs=FRAME_S)
@@ -234,7 +267,7 @@ def test_endpointer_with_the_real_vad_finds_espeak_speech(tmp_path: Path) -> Non
     speech = espeak_16k("please tell me the weather", tmp_path)
     pad = np.zeros(8000, np.float32)
     signal = np.concatenate([pad, speech, pad, pad, pad])
-    ep = Endpointer(EndpointerConfig(hangover_ms=700))
+    ep = Endpointer(EndpointerConfig(hangover_ms=700, pause_ms=0))
     events = [e for f in FrameChunker(160).push(signal) for e in ep.process(f)]
     assert [type(e) for e in events] == [SpeechStarted, SpeechEnded]
     assert events[0].onset_s == pytest.approx(0.5, abs=0.15)
@@ -246,3 +279,5 @@ def test_config_rejects_inconsistent_thresholds() -> None:
         EndpointerConfig(start_ms=300, start_window_ms=200)
     with pytest.raises(ValueError):
         EndpointerConfig(frame_ms=7)
+    with pytest.raises(ValueError, match="tail_ms"):
+        EndpointerConfig(pause_ms=100, tail_ms=150)

@@ -134,7 +134,7 @@ async def test_user_speech_stops_the_agent_over_webrtc_while_its_echo_does_not(s
         ((conn),) = app[REGISTRY_KEY].connections()
         records = conn.session.turns.records
         assert [r.interrupted for r in records][:1] == [True]
-        await wait_until(lambda: len(engine.calls) == 2, within=5)
+        await wait_until(lambda: len(engine.calls) >= 2, within=5)
         assistant = engine.calls[1][1][1]
         assert assistant.interrupted and 0 < len(assistant.text.split()) < len(AGENT_TEXT.split())
     finally:

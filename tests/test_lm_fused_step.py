@@ -125,7 +125,10 @@ def test_layers_that_are_not_plain_linears_are_called_as_they_are():
 
 def test_a_4bit_model_steps_through_the_fused_path_as_through_transformers_layers(tmp_path):
     pytest.importorskip("bitsandbytes")
-    model_dir = write_tiny_lm(tmp_path, with_tokenizer=False, padded_vocab_size=VOCAB)
+    # Every layer's input at least one 64-value quantization block wide: on CPUs with
+    # AVX512-BF16 bitsandbytes repacks 4-bit weights per block and fails on narrower ones.
+    sizes = {"hidden_size": 64, "ffn_hidden_size": 128, "kv_channels": 16}
+    model_dir = write_tiny_lm(tmp_path, with_tokenizer=False, padded_vocab_size=VOCAB, **sizes)
     model = load_lm(model_dir, dtype=torch.bfloat16, quantization="int4")
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     stepper = LMStepper(model)

@@ -20,7 +20,13 @@ from agent.session import Session, SessionConfig
 from agent.tasks import cancel_and_wait
 from agent.tracks import FRAME_SAMPLES, OUTPUT_SAMPLE_RATE, AgentAudioTrack
 from agent.turns import TurnConfig, TurnManager
-from audio_dsp import EndpointerConfig, SpeechEnded, SpeechStarted, StreamResampler
+from audio_dsp import (
+    EndpointerConfig,
+    SpeechEnded,
+    SpeechPaused,
+    SpeechStarted,
+    StreamResampler,
+)
 from audio_dsp.aec import available_backends
 from audio_dsp.bargein import BargeInConfig
 from tests.fakes import (
@@ -417,6 +423,130 @@ async def test_an_engine_failure_reports_an_error_and_returns_to_listening() -> 
     await h.close()
 
 
+# --- early replies: started at a pause, used if the turn ends there ----------------------------
+
+
+def pause_of(end: SpeechEnded, after_s: float = 0.3) -> SpeechPaused:
+    """The pause the endpointer reports `after_s` into the silence that ends `end`."""
+    return SpeechPaused(end.onset_s, end.stop_s, end.stop_s + after_s, end.audio)
+
+
+def early_count(outcome: str) -> float:
+    return metrics.EARLY_REPLIES_TOTAL.labels(outcome=outcome)._value.get()
+
+
+async def test_a_reply_started_at_a_pause_answers_the_turn_that_ends_there_sooner() -> None:
+    h = Harness(Script(first_delay_s=0.3))
+    used = early_count("used")
+    end = speech_end()
+    assert await h.turns.on_speech_paused(pause_of(end)) is False  # no listener to take
+    await asyncio.sleep(0.4)  # the rest of the hangover: the engine works meanwhile
+    assert h.states() == ["listening"] and len(h.messages) == 1  # nothing shown yet
+    await h.turns.on_speech_ended(end, user_stop=time.monotonic())
+    await h.wait_state("listening", within=4)
+    assert len(h.engine.calls) == 1  # the early reply was the answer
+    assert h.states() == ["listening", "thinking", "speaking", "listening"]
+    assert [m["role"] for m in h.of_type("transcript")][0] == "user"
+    record = h.turns.records[0]
+    latency = record.first_audio_latency
+    assert record.early and latency is not None and latency < 0.2  # not 0.3 s of thinking
+    assert [i.role for i in h.turns.history] == ["user", "assistant"]
+    assert not h.engine.replies[0].cancelled
+    assert early_count("used") == used + 1
+    await h.close()
+
+
+async def test_an_early_reply_still_thinking_when_the_turn_ends_streams_on_from_there() -> None:
+    h = Harness(Script(first_delay_s=0.4, audio_s=0.4))
+    end = speech_end()
+    await h.turns.on_speech_paused(pause_of(end))
+    await h.turns.on_speech_ended(end, user_stop=time.monotonic())
+    assert h.turns.state == "thinking"
+    await h.wait_state("speaking")
+    await h.wait_state("listening", within=4)
+    assert len(h.engine.calls) == 1
+    assert h.pump.audio_frames() >= 0.4 / 0.02 - 1
+    assert h.of_type("transcript")[-1]["final"]
+    await h.close()
+
+
+async def test_an_early_reply_is_dropped_without_a_trace_when_the_user_goes_on() -> None:
+    h = Harness(Script(first_delay_s=0.05))
+    dropped = early_count("dropped")
+    first = speech_end(0.5)
+    await h.turns.on_speech_paused(pause_of(first))
+    await asyncio.sleep(0.1)  # it has its first audio, unseen
+    await h.turns.on_speech_resumed()
+    await wait_until(lambda: h.engine.replies[0].cancelled)
+    assert h.states() == ["listening"] and h.pump.audio_frames() == 0
+    assert early_count("dropped") == dropped + 1
+    whole = speech_end(1.2)
+    await h.turns.on_speech_ended(whole, user_stop=time.monotonic())
+    await h.wait_state("listening", within=4)
+    assert len(h.engine.calls) == 2
+    turn, history = h.engine.calls[1]
+    assert turn.audio is not None and len(turn.audio) == len(whole.audio) and history == []
+    assert len(h.turns.history) == 2  # only the answered turn
+    await h.close()
+
+
+async def test_an_early_reply_is_not_used_for_a_turn_that_ends_elsewhere() -> None:
+    h = Harness()
+    await h.turns.on_speech_paused(pause_of(speech_end(0.5)))
+    cut = SpeechEnded(0.0, 0.8, 0.8, np.zeros(12_800, np.float32), "max_length")
+    await h.turns.on_speech_ended(cut, user_stop=time.monotonic())
+    await h.wait_state("listening", within=4)
+    assert h.engine.replies[0].cancelled and not h.engine.replies[1].cancelled
+    assert len(h.engine.calls[1][0].audio) == 12_800
+    assert not h.turns.records[0].early
+    await h.close()
+
+
+async def test_no_early_reply_starts_while_the_agent_is_answering() -> None:
+    h = Harness(Script(audio_s=2.0))
+    await h.turns.on_speech_ended(speech_end(), user_stop=time.monotonic())
+    await h.wait_state("speaking")
+    assert await h.turns.on_speech_paused(pause_of(speech_end(0.3))) is False
+    assert len(h.engine.calls) == 1
+    await h.close()
+
+
+async def test_a_typed_turn_or_closing_drops_the_early_reply() -> None:
+    h = Harness()
+    await h.turns.on_speech_paused(pause_of(speech_end()))
+    await h.turns.on_user_text("never mind")
+    assert h.engine.calls[1][0].text == "never mind"
+    await wait_until(lambda: h.engine.replies[0].cancelled)
+    await h.wait_state("listening", within=4)
+    await h.turns.on_speech_paused(pause_of(speech_end()))
+    await h.close()
+    assert h.engine.replies[2].cancelled
+    assert not [
+        t for t in asyncio.all_tasks() if t.get_name() in ("early-reply", "drop-early-reply")
+    ]
+
+
+async def test_an_early_reply_that_failed_is_asked_again_when_the_turn_ends() -> None:
+    h = Harness(Script(fail_after_chunks=0))
+    end = speech_end()
+    await h.turns.on_speech_paused(pause_of(end))
+    await asyncio.sleep(0.15)  # it fails, unseen
+    assert not h.of_type("error")
+    await h.turns.on_speech_ended(end, user_stop=time.monotonic())
+    await h.wait_state("listening", within=4)
+    assert len(h.engine.calls) == 2 and len(h.of_type("error")) == 1
+    await h.close()
+
+
+async def test_an_early_reply_takes_the_listener_and_a_resumed_turn_gets_a_new_one() -> None:
+    h = Harness()
+    listener = RecordingListener()
+    assert await h.turns.on_speech_paused(pause_of(speech_end()), listener) is True
+    assert h.engine.calls[0][0].listener is listener
+    await h.turns.on_speech_resumed()
+    await h.close()
+
+
 # --- sessions ---------------------------------------------------------------------------------
 
 
@@ -764,3 +894,38 @@ async def test_speech_over_the_answer_that_is_ignored_closes_the_engine_listener
     await turns.on_speech_ended(speech_end(), user_stop=time.monotonic(), listener=listener)
     assert listener.closed
     track.stop()
+
+
+async def test_a_session_answers_at_the_pause_that_ends_the_turn_and_drops_the_others(
+    tmp_path: Path,
+) -> None:
+    words = espeak_16k("turn on the lights", tmp_path)
+    loud = np.flatnonzero(np.abs(words) > 0.02)
+    words = words[loud[0] : loud[-1] + 1]  # without eSpeak's leading and trailing silence
+    gap = np.zeros(int(0.45 * 16_000), np.float32)  # a pause, shorter than the hangover
+    engine = ListeningEngine(Script(audio_s=0.4, first_delay_s=0.2))
+    config = SessionConfig(EndpointerConfig(hangover_ms=700, pause_ms=300))
+    session = Session(engine, config)
+    session.attach_channel(FakeChannel())
+    mic = MicTrack()
+    pump = OutputPump(session.output_track).start()
+    session.attach_input(mic)
+    await asyncio.sleep(0.2)
+    mic.say(np.concatenate([words, gap, words]), 16_000)
+    await wait_until(lambda: session.turns.records and pump.audio_frames() > 0, within=8)
+    await wait_until(lambda: session.turns.state == "listening")
+    record = session.turns.records[0]
+    assert record.early
+    # the engine was asked 0.3 s into the final silence, and answered 0.2 s later: the user
+    # hears it when the 0.7 s hangover ends, not 0.2 s after
+    latency = record.first_audio_latency
+    assert latency is not None and latency < 0.7 + 0.15
+    assert len(session.turns.history) == 2
+    dropped = [reply for reply in engine.replies if reply.cancelled]
+    assert len(dropped) == len(engine.replies) - 1 >= 1  # at the pause between the phrases
+    final = engine.calls[-1][0]
+    assert final.audio is not None and final.duration_s > 2 * len(words) / 16_000
+    assert len(engine.listeners) == 1 + len(dropped)  # a new ear after each pause it went on
+    assert final.listener is engine.listeners[-1]
+    await session.close()
+    await pump.stop()
