@@ -371,8 +371,8 @@ class TurnManager:
             turn = UserTurn(audio=self._turn_audio(event.audio), listener=listener)
             try:
                 reply = self.engine.respond(turn, list(self._history))
-            except Exception:  # the turn's own request, if it comes, reports the failure
-                self._log.warning("the engine refused an early reply", exc_info=True)
+            except Exception as exc:  # the turn's own request, if it comes, reports it
+                self._log.info("no early reply: the engine refused it (%s)", exc)
                 return False
             version = self._history_version
             self._early = _EarlyReply(event, turn, reply, version, self._clock())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +21,9 @@ import torch
 
 from agent.engine import AudioChunk, TextDelta, UserTurn
 from agent.session import SessionConfig
-from audio_dsp import EndpointerConfig
+from agent.tracks import AgentAudioTrack
+from agent.turns import TurnManager
+from audio_dsp import EndpointerConfig, SpeechEnded, SpeechPaused
 from models.decoder import AudioDecoder, StreamingDecoder
 from models.glm4voice import GLM4VoiceEngine, ModelPaths, load_engine
 from models.glm4voice.brain import GLM4VoiceBrain, LoadOptions
@@ -32,7 +35,7 @@ from models.lm import GLM4VoiceTokenizer, SamplingConfig, audio_tokens_text, bui
 from models.make_tiny import write_tiny_model_set
 from models.speech_tokenizer import SpeechTokenizer
 from signaling import REGISTRY_KEY
-from tests.fakes import wait_until
+from tests.fakes import OutputPump, wait_until
 from tests.webrtc_client import app_servers, dial
 
 ANSWER_IDS = 13 + 26 + 13 + 10  # two text runs, 36 audio ids (2.88 s of speech), then the end
@@ -276,6 +279,26 @@ async def test_concurrent_replies_share_batched_steps_and_get_their_own_answers(
         assert len(_audio(events)) / 22_050 == pytest.approx(36 * 0.08, abs=0.05)
 
 
+async def test_concurrent_spoken_replies_end_and_cancel_each_on_its_own(tiny_paths, tokenizer):
+    """Replies are told apart by identity: two spoken turns of different lengths in flight
+    together (their audio arrays cannot be compared) finish and cancel cleanly."""
+    engine = await _started(tiny_paths, tokenizer)
+    try:
+        long, short, third = (
+            engine.respond(UserTurn(audio=_speech(s, seed=s)), []) for s in (3, 2, 1)
+        )
+        await _first_audio(long)
+        await third.cancel()
+        events = await asyncio.wait_for(_collect(short), 60)
+        await asyncio.wait_for(_collect(long), 60)
+        worker = engine.require_worker()
+        assert worker.active_jobs == 0 and engine.brain.sequences.live_keys == []
+    finally:
+        await engine.close()
+    _check_events(events, tokenizer, short.job.generated)
+    assert long.job.done and short.job.done and not third.job.done
+
+
 async def test_replies_cancelled_at_any_point_leave_no_rows_streams_or_threads_behind(
     tiny_paths, tokenizer
 ):
@@ -337,6 +360,62 @@ async def test_a_conversation_longer_than_the_context_drops_its_oldest_exchanges
     # after a cut the next turns continue the kept history (not one cut per turn)
     cuts = [i for i in range(1, 12) if prompts[i][: len(prompts[i - 1])] != prompts[i - 1]]
     assert 1 <= len(cuts) <= 3
+
+
+# ----------------------------------------------------------------------------- early replies
+
+
+def _heard(engine: GLM4VoiceEngine, speech: np.ndarray):
+    """A listener that heard `speech` in 20 ms frames, as a session feeds it."""
+    listener = engine.begin_turn()
+    for start in range(0, len(speech), 320):
+        listener.push(speech[start : start + 320])
+    return listener
+
+
+async def test_an_early_reply_dropped_at_a_pause_leaves_nothing_and_one_at_the_end_answers(
+    tiny_paths, tokenizer
+):
+    """The turn manager over the real engine: the reply started at the first pause is
+    cancelled when the user goes on (its LM row and decoder stream freed), the one started
+    at the last pause becomes the answer, with the whole turn tokenized from its listener."""
+    speech = _speech(6.0, seed=4)
+    engine = await _started(tiny_paths, tokenizer)
+    track = AgentAudioTrack()
+    pump = OutputPump(track).start()
+    turns = TurnManager(engine, track, lambda _message: None)
+    turns.start()
+    try:
+        first = speech[: 16_000 * 3]
+        taken = await turns.on_speech_paused(
+            SpeechPaused(0.0, 3.0, 3.3, first), _heard(engine, first)
+        )
+        assert taken
+        await asyncio.sleep(0.3)  # it runs unseen
+        assert turns.state == "listening"
+        await turns.on_speech_resumed()
+        listener = _heard(engine, speech)
+        await wait_until(lambda: listener.state is not None, within=10)
+        assert await turns.on_speech_paused(SpeechPaused(0.0, 6.0, 6.3, speech), listener)
+        await turns.on_speech_ended(SpeechEnded(0.0, 6.0, 6.7, speech, "silence"), time.monotonic())
+        await wait_until(lambda: turns.state == "speaking", within=30)
+        await wait_until(lambda: turns.state == "listening", within=30)
+        record = turns.records[0]
+        user, answer = turns.history
+        worker, brain = engine.require_worker(), engine.brain
+        assert worker.active_jobs == 0 and not worker._deferred
+        assert brain.sequences.live_keys == []
+        stats = brain.listen_stats
+    finally:
+        await turns.close()
+        await pump.stop()
+        track.stop()
+        await engine.close()
+    assert record.early and len(turns.records) == 1
+    codes = SpeechTokenizer.from_pretrained(tiny_paths.tokenizer).tokenize(speech)
+    assert user.payload == build_prompt("", audio_tokens_text(codes), "audio")
+    assert not answer.interrupted and answer.payload.count("<|audio_") == 36
+    assert stats.streamed_turns >= 1  # the answer's turn came from its listener
 
 
 # ----------------------------------------------------------------------------- over WebRTC

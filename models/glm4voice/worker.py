@@ -125,7 +125,7 @@ class DecodeSchedule:
         return self.first_block if blocks_done == 0 else self.later_block
 
 
-@dataclass
+@dataclass(eq=False)
 class AudioBlock:
     """Audio codes of one job ready to be decoded; `final` flushes the job's decoder.
 
@@ -224,7 +224,7 @@ class TurnListener:
             return self._audio[: self._fed].copy()
 
 
-@dataclass
+@dataclass(eq=False)  # a reply is itself: equal fields (numpy audio among them) do not matter
 class Job:
     """One reply in progress; everything here belongs to the worker thread once submitted.
 
