@@ -624,6 +624,35 @@ async def test_a_failed_batched_step_ends_the_replies_in_it_and_the_worker_serve
     assert sorted(brain.released)[:2] == sorted(r.job.key for r in replies)
 
 
+async def test_an_unexpected_worker_failure_ends_the_replies_in_flight_and_it_serves_on(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    brain = ScriptedBrain(rounds=2, step_delay=0.002)
+    engine = await _engine(brain)
+    worker = engine.require_worker()
+    regular = worker._on_token
+    calls = iter(range(1000))
+
+    def fails_once(job: Job, token: int) -> None:
+        if next(calls) == 5:
+            raise ValueError("bookkeeping bug")
+        regular(job, token)
+
+    monkeypatch.setattr(worker, "_guarded", lambda job, work: work(job))  # nothing catches it
+    monkeypatch.setattr(worker, "_on_token", fails_once)
+    try:
+        replies = [engine.respond(UserTurn(text=str(i)), []) for i in range(2)]
+        for reply in replies:
+            with pytest.raises(EngineError, match="bookkeeping bug"):
+                await asyncio.wait_for(_collect(reply), 30)
+        assert worker._thread.is_alive()
+        events = await asyncio.wait_for(_collect(engine.respond(UserTurn(text="x"), [])), 30)
+    finally:
+        await engine.close()
+    assert sum(len(e.samples) for e in events if isinstance(e, AudioChunk)) == 52 * 1764
+    assert sorted(brain.released)[:2] == sorted(r.job.key for r in replies)
+
+
 # ----------------------------------------------------------------------------- warm-up
 
 

@@ -456,7 +456,7 @@ class ModelWorker:
                 finally:
                     self.ready.set()
                 while not self._stopping.is_set():
-                    if not self._round():
+                    if not self._guarded_round():
                         self._wake.wait(timeout=0.05)
                         self._wake.clear()
         finally:
@@ -491,6 +491,31 @@ class ModelWorker:
                 jobs.append(self._inbox.get_nowait())
             except queue.Empty:
                 return jobs
+
+    def _guarded_round(self) -> bool:
+        """`_round`, surviving its failure: the replies in flight end with the error (their
+        state may be half updated) and the worker goes on serving the next ones."""
+        try:
+            return self._round()
+        except Exception as exc:
+            logger.exception(
+                "a worker round failed: ending the %d replies in flight", len(self._active)
+            )
+            self._blocks.clear()
+            for job in list(self._active):
+                self._abandon(job, exc)
+            return False
+
+    def _abandon(self, job: Job, error: BaseException) -> None:
+        """End `job` with `error` even if its regular ending fails."""
+        try:
+            self._finish(job, error=error)
+        except Exception:
+            logger.exception("ending a failed reply failed too")
+            self._active = [j for j in self._active if j is not job]
+            job.emit(error)
+            job.emit(None)
+            job.finished.set()
 
     def _round(self) -> bool:
         """Listen, start, then one step for every runnable job; False when nothing could run."""
