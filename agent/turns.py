@@ -479,12 +479,7 @@ class TurnManager:
         if fetch.done() and not fetch.cancelled() and fetch.exception() is not None:
             self._log.debug("a dropped early reply had failed: %s", fetch.exception())
         await cancel_and_wait(fetch, self._log)
-        try:
-            await asyncio.wait_for(early.reply.cancel(), self.config.cancel_timeout_s)
-        except TimeoutError:
-            self._log.warning("engine took over %.1f s to cancel", self.config.cancel_timeout_s)
-        except Exception:
-            self._log.exception("engine failed to cancel an early reply")
+        await self._cancel_reply(early.reply)
 
     async def _run(self, active: _ActiveReply) -> None:
         try:
@@ -550,7 +545,7 @@ class TurnManager:
         self._active = None
         played_s = active.stopped_played_s or 0.0
         await self._cancel_task(active)
-        await self._cancel_reply(active)
+        await self._cancel_reply(active.reply)
         active.close_record(interrupted=True)
         metrics.INTERRUPTIONS_TOTAL.labels(reason=reason).inc()
         self._log.info("reply stopped (%s) after %.2f s of audio", reason, played_s)
@@ -565,9 +560,9 @@ class TurnManager:
         if active.task is not None:
             await cancel_and_wait(active.task, self._log)
 
-    async def _cancel_reply(self, active: _ActiveReply) -> None:
+    async def _cancel_reply(self, reply: Reply) -> None:
         try:
-            await asyncio.wait_for(active.reply.cancel(), self.config.cancel_timeout_s)
+            await asyncio.wait_for(reply.cancel(), self.config.cancel_timeout_s)
         except TimeoutError:
             self._log.warning("engine took over %.1f s to cancel", self.config.cancel_timeout_s)
         except Exception:
