@@ -16,9 +16,14 @@ Then: prompts prefilled together vs. one by one (fused and transformers' path), 
 turn's prefill after a long conversation with its keys/values kept (`PrefixCache`) vs. from
 scratch.
 
+`--profile KIND` (e.g. `graphs`) profiles a few batch-1 steps of that decode step: per step
+the wall time, the time the device was busy and the kernels it ran (on a GPU; operators on a
+CPU), then the operators that took the most of that time. Where the device is busy most of
+the step, the kernels themselves are the limit; where it is idle, the host is.
+
     python -m bench.bench_lm [--full] [--prompt 64] [--steps 32] [--modes bf16,int4]
                              [--decode-steps dynamic,static,graphs] [--batches 1,4,16]
-                             [--json out.json]
+                             [--profile graphs] [--json out.json]
 """
 
 from __future__ import annotations
@@ -344,6 +349,94 @@ def bench_decode_steps(
     return results
 
 
+@dataclass
+class StepProfile:
+    """Where the time of one decode step goes (`profile_decode_step`)."""
+
+    size: str
+    decode_step: str
+    steps: int
+    wall_ms_per_step: float
+    busy_ms_per_step: float  # device kernels (CPU: top-level operators) per step
+    kernels_per_step: float
+    table: str  # the operators taking the most time
+
+
+def _self_time_us(event: object, device: bool) -> float:
+    """Self time of a profiler event or average, on the device or the CPU (the attribute's
+    name changed across torch versions)."""
+    names = (
+        ("self_device_time_total", "self_cuda_time_total") if device else ("self_cpu_time_total",)
+    )
+    for name in names:
+        value = getattr(event, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def profile_decode_step(
+    model: GlmForCausalLM,
+    size: str,
+    kind: str,
+    prompt_tokens: int,
+    vocab: int,
+    steps: int = 8,
+    top: int = 15,
+) -> StepProfile:
+    """Profile `steps` batch-1 steps of decode step `kind` after three unprofiled ones."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
+    base, unfused = split_decode_step(kind)
+    sequences = make_sequence_batch(
+        LMStepper(model), base, StaticCacheConfig(max_batch=1, fused=not unfused)
+    )
+    prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
+    logits = sequences.prefill("profiled", prompt.tolist())[None]
+    for _ in range(3):  # kernels chosen, graphs recorded
+        logits = sequences.step(["profiled"], logits.argmax(-1).tolist())
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for _ in range(steps):
+            logits = sequences.step(["profiled"], logits.argmax(-1).tolist())
+        sync(device)
+        wall = time.perf_counter() - started
+    sequences.release("profiled")
+    if on_gpu:  # kernel events only (an operator's device time is its kernels')
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy_us = sum(_self_time_us(e, True) for e in kernels)
+        sort_by = "self_cuda_time_total"
+    else:  # the operators called from Python, not the ones inside them
+        kernels = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+        busy_us = sum(e.cpu_time_total for e in kernels)
+        sort_by = "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=top)
+    return StepProfile(
+        size,
+        kind,
+        steps,
+        1e3 * wall / steps,
+        busy_us / 1e3 / steps,
+        len(kernels) / steps,
+        table,
+    )
+
+
+def format_profile(result: StepProfile) -> str:
+    where = "device kernels" if result.size != "tiny" else "top-level operators"
+    return (
+        f"profile of {result.steps} steps, {result.size}, decode step {result.decode_step}, "
+        f"batch 1: {result.wall_ms_per_step:.2f} ms per step, {where} busy "
+        f"{result.busy_ms_per_step:.2f} ms ({result.kernels_per_step:.0f} per step)\n"
+        f"{result.table}"
+    )
+
+
 UNFUSED = "-unfused"
 
 
@@ -457,6 +550,12 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="time the next turn's prefill with the conversation's keys/values kept vs not",
     )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="KIND",
+        help="profile batch-1 steps of this decode step (e.g. graphs, static-unfused)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -477,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(decode_steps) - set(known_decode_steps())
     if unknown:
         parser.error(f"unknown decode steps {sorted(unknown)}")
+    if args.profile is not None and args.profile not in known_decode_steps():
+        parser.error(f"unknown decode step to profile {args.profile!r}")
     batches = [int(b) for b in (args.batches or ("1,4,16" if args.full else "1,4")).split(",")]
     if any(b < 1 for b in batches):
         parser.error("--batches must be positive")
@@ -484,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     step_results: list[StepResult] = []
     prefill_results: list[PrefillResult] = []
     conversation_results: list[ConversationResult] = []
+    profiles: list[StepProfile] = []
     if args.full:
         config = ChatGLMConfig.from_dict(tiny_config_dict(**FULL_SIZES))
         device = torch.device("cuda")
@@ -499,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt, steps, size, vocab = args.prompt or 64, args.steps or 32, "tiny", 500
         dtype = torch.float32
     print(format_table(results), flush=True)
-    if decode_steps or args.prefill_together or args.conversation:
+    if decode_steps or args.prefill_together or args.conversation or args.profile:
         model = build_random_lm(config, device, dtype)
         if decode_steps:
             step_results = bench_decode_steps(
@@ -510,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.conversation:
             histories = [500, 2000, 6000] if args.full else [250, 1000, 4000]
             conversation_results = bench_conversation_prefill(model, size, histories, 100, vocab)
+        if args.profile:
+            profiles.append(profile_decode_step(model, size, args.profile, prompt, vocab))
+            print(format_profile(profiles[-1]), flush=True)
         del model
     if args.json:
         payload = {
@@ -517,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             "decode_steps": [asdict(r) for r in step_results],
             "prefill_together": [asdict(r) for r in prefill_results],
             "conversation_prefill": [asdict(r) for r in conversation_results],
+            "profiles": [asdict(r) for r in profiles],
         }
         args.json.write_text(json.dumps(payload, indent=2))
     return 0

@@ -5,6 +5,7 @@
 #   lm        LM prefill and decode steps: dynamic cache, static cache, CUDA graphs, each
 #             static kind fused and through transformers' layers (-unfused)
 #             (LM_STEPS=... to choose; LM_MODES="" skips the plain decode) at batch 1, 4, 16
+#   profile   where a graphed batch-1 LM step's time goes: device busy vs. wall, top kernels
 #   engine    the engine's first audio per stage and 1..16 concurrent conversations
 #   decoder   decoder cost per block along an answer, reference vs. fast
 #   warm-up   start-up warm-up and the first turn of a fresh process with and without it
@@ -20,7 +21,7 @@ py=${PYTHON:-}
 if [ -z "$py" ]; then
     if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 fi
-parts=" ${PARTS:-tests lm engine decoder warm-up compile} "
+parts=" ${PARTS:-tests lm profile engine decoder warm-up compile} "
 export PYTHONUNBUFFERED=1
 
 part() {  # part NAME SECONDS COMMAND...
@@ -43,6 +44,9 @@ part tests 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 
     tests/test_lm_fused_step.py
 part lm 150 "$py" -m bench.bench_lm --full --modes "${LM_MODES-bf16}" \
     --decode-steps "${LM_STEPS:-dynamic,static,graphs,graphs-unfused}" --json "$out/lm.json"
+part profile 90 "$py" -m bench.bench_lm --full --modes "" --decode-steps "" \
+    --no-prefill-together --no-conversation --profile "${PROFILE_STEP:-graphs}" \
+    --json "$out/profile.json"
 part engine 280 "$py" -m bench.bench_glm4voice --full --sections stages,concurrency \
     --repeats 1 --json "$out/engine.json"
 part decoder 120 "$py" -m bench.bench_glm4voice --full --sections decoder --repeats 1 \

@@ -12,8 +12,10 @@ from bench.bench_lm import (
     bench_decode_steps,
     bench_prefill_together,
     bench_random,
+    format_profile,
     format_steps,
     format_table,
+    profile_decode_step,
     split_decode_step,
 )
 from models.lm import ChatGLMConfig, build_random_lm, expected_shapes
@@ -64,3 +66,13 @@ def test_the_conversation_prefill_table_times_both_ways_at_a_tiny_size() -> None
     (result,) = bench_conversation_prefill(model, "tiny", [40], 8, 500)
     assert (result.history, result.new_ids) == (40, 8)
     assert result.kept_ms > 0 and result.from_scratch_ms > 0
+
+
+def test_the_step_profile_says_where_a_steps_time_goes_at_a_tiny_size() -> None:
+    config = ChatGLMConfig.from_dict(tiny_config_dict(padded_vocab_size=512))
+    model = build_random_lm(config, "cpu", torch.float32)
+    fused = profile_decode_step(model, "tiny", "static", 8, 500, steps=3)
+    unfused = profile_decode_step(model, "tiny", "static-unfused", 8, 500, steps=3)
+    assert 0 < fused.busy_ms_per_step < fused.wall_ms_per_step
+    assert 0 < fused.kernels_per_step < unfused.kernels_per_step  # the fused step calls fewer
+    assert "aten::" in fused.table and "static" in format_profile(fused)
