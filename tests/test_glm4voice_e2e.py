@@ -35,7 +35,7 @@ from models.lm import GLM4VoiceTokenizer, SamplingConfig, audio_tokens_text, bui
 from models.make_tiny import write_tiny_model_set
 from models.speech_tokenizer import SpeechTokenizer
 from signaling import REGISTRY_KEY
-from tests.fakes import OutputPump, wait_until
+from tests.fakes import OutputPump, espeak_16k, wait_until
 from tests.webrtc_client import app_servers, dial
 
 ANSWER_IDS = 13 + 26 + 13 + 10  # two text runs, 36 audio ids (2.88 s of speech), then the end
@@ -454,6 +454,55 @@ async def test_webrtc_conversation_holds_two_turns_and_can_be_interrupted(
             await wait_until(lambda: len(app[REGISTRY_KEY]) == 0, within=10)
     finally:
         await engine.close()
+
+
+@pytest.mark.slow
+async def test_a_spoken_conversation_over_webrtc_answers_by_voice_and_stops_when_talked_over(
+    tiny_paths, tokenizer, tmp_path: Path
+):
+    """The client speaks (eSpeak NG over its microphone track): each turn is heard while
+    spoken, answered early or at its end, and the second answer is stopped by speech over it;
+    what was said over it becomes the next turn, with the cut answer in its prompt."""
+    question, other, stop = (
+        espeak_16k(text, tmp_path)
+        for text in ("what is the weather like", "and tomorrow", "wait, stop please")
+    )
+    engine = await _started(tiny_paths, tokenizer)
+    session = SessionConfig(EndpointerConfig(hangover_ms=600), echo_canceller="none")
+    try:
+        async with app_servers(tmp_path, session) as start:
+            url, app = await start(engine)
+            call = await dial(url)
+            try:
+                call.mic.say(question, 16_000)
+                await wait_until(lambda: call.states()[-2:] == ["speaking", "listening"], within=60)
+                assert call.voiced_audio(1e-4).size, "the answer's audio never reached the client"
+                seen = len(call.states())
+                call.mic.say(other, 16_000)
+                await wait_until(lambda: "speaking" in call.states()[seen:], within=60)
+                await asyncio.sleep(0.6)
+                call.mic.say(stop, 16_000)
+                await wait_until(lambda: call.of_type("flush"), within=10)
+                turns = app[REGISTRY_KEY].connections()[0].session.turns
+                await wait_until(lambda: len(turns.history) >= 6, within=60)
+                user1, answer1, user2, answer2, user3, _ = turns.history
+                worker = engine.require_worker()
+                await wait_until(lambda: worker.active_jobs == 0, within=10)
+            finally:
+                await call.hang_up()
+            await wait_until(lambda: len(app[REGISTRY_KEY]) == 0, within=10)
+    finally:
+        await engine.close()
+    assert [r.interrupted for r in turns.records][:2] == [False, True]
+    assert all(r.early for r in turns.records)  # each answer was started at its last pause
+    assert not answer1.interrupted and answer2.interrupted
+    assert 0 < answer2.payload.count("<|audio_") < 36  # cut to what was played
+    for user in (user1, user2, user3):
+        assert "<|audio_" in user.payload  # spoken turns: speech tokens in the prompt
+    assert user2.payload.startswith(user1.payload + answer1.payload)
+    assert user3.payload.startswith(user2.payload + answer2.payload)
+    finals = [m["text"] for m in call.of_type("transcript") if m["final"]]
+    assert finals and finals[0], "the answer's text never reached the client"
 
 
 # ----------------------------------------------------------------------------- speed paths
