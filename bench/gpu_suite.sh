@@ -11,7 +11,8 @@
 #   warm-up   start-up warm-up and the first turn of a fresh process with and without it
 #   compile   the torch.compile decode step (minutes of compilation)
 # Each part has its own time limit and log in OUT_DIR, so one that fails or overruns does
-# not cost the others.
+# not cost the others. The limits add up to about 16 minutes; where one command may run for
+# less, split it, e.g. PARTS="tests lm profile" then PARTS="engine decoder".
 #
 #   bash bench/gpu_suite.sh [OUT_DIR]       (PYTHON=... to choose the interpreter)
 set -u
