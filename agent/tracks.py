@@ -9,6 +9,12 @@ the server. When nothing is queued the track sends silence, keeping the RTP cloc
 the queue keeps what was written and the writer waits. `resume(replay_samples)` sends it after
 all, preceded by the last `replay_samples` sent before the hold (the client muted that audio
 while it was still on its way); audio counts as played only once it is sent (again).
+
+Audio never starts or stops with a click: a frame sent after silence fades in over its first
+5 ms, and a frame that nothing follows (the queue is empty and no writer is writing: the
+answer ended, or the engine fell behind playback) fades out over its last 5 ms. An engine that
+falls behind is heard as a clean pause where its audio ran out, then the rest; nothing is
+repeated or lost.
 """
 
 from __future__ import annotations
@@ -31,6 +37,16 @@ FRAME_SAMPLES = int(AUDIO_PTIME * OUTPUT_SAMPLE_RATE)  # 960
 TIME_BASE = fractions.Fraction(1, OUTPUT_SAMPLE_RATE)
 
 MAX_REPLAY_FRAMES = 25  # a resume re-sends at most this much audio (0.5 s)
+EDGE_FADE_SAMPLES = 240  # 5 ms fades where audio starts after silence or runs out
+
+
+def _fade_in_weights(n: int) -> np.ndarray:
+    """Raised-cosine weights rising from 0 towards 1 over `n` samples (float32)."""
+    return (0.5 - 0.5 * np.cos(np.pi * np.arange(n) / n)).astype(np.float32)
+
+
+_FADE_IN = _fade_in_weights(EDGE_FADE_SAMPLES)
+_FADE_OUT = _FADE_IN[::-1].copy()
 
 FrameListener = Callable[[np.ndarray, bool], None]
 
@@ -69,6 +85,8 @@ class AgentAudioTrack(MediaStreamTrack):
         # The audio frames sent lately, each with the frame count it left at: a resume replays
         # the tail of these that was sent shortly before the hold.
         self._recent: deque[tuple[int, np.ndarray]] = deque(maxlen=MAX_REPLAY_FRAMES)
+        self._writing = 0  # writers inside write() or drain(): more audio is on its way
+        self._after_gap = True  # the last frame sent was silence, or faded out
         self.played_samples = 0  # agent audio samples sent so far (silence not counted)
         self.sample_rate = OUTPUT_SAMPLE_RATE
 
@@ -98,18 +116,26 @@ class AgentAudioTrack(MediaStreamTrack):
         Samples that do not fill a frame are held until the next write or `drain()`.
         """
         generation = self._generation
-        for frame in self._chunker.push(float32_to_int16(samples)):
-            if not await self._wait_for_room(generation):
-                return
-            self._enqueue(frame)
+        self._writing += 1
+        try:
+            for frame in self._chunker.push(float32_to_int16(samples)):
+                if not await self._wait_for_room(generation):
+                    return
+                self._enqueue(frame)
+        finally:
+            self._writing -= 1
 
     async def drain(self) -> None:
         """Send any held partial frame (padded with silence), then wait until all is sent."""
         generation = self._generation
         for frame in self._chunker.flush():
-            if not await self._wait_for_room(generation):
-                return
-            self._enqueue(frame)
+            self._writing += 1
+            try:
+                if not await self._wait_for_room(generation):
+                    return
+                self._enqueue(frame)
+            finally:
+                self._writing -= 1
         await self._empty.wait()
 
     def flush(self) -> None:
@@ -198,8 +224,9 @@ class AgentAudioTrack(MediaStreamTrack):
         sent_at = self._frames_sent
         self._frames_sent += 1
         if not self._queue or self._held_at is not None:
+            self._after_gap = True
             return self._silence, False
-        samples = self._queue.popleft()
+        samples = self._smoothed(self._queue.popleft())
         self._recent.append((sent_at, samples))
         self.played_samples += FRAME_SAMPLES
         self._room.set()
@@ -207,6 +234,20 @@ class AgentAudioTrack(MediaStreamTrack):
             self._empty.set()
         self._resolve_audio_waiters()
         return samples, True
+
+    def _smoothed(self, samples: np.ndarray) -> np.ndarray:
+        """`samples` faded in after silence, and faded out when nothing follows them."""
+        fade_in = self._after_gap
+        fade_out = not self._queue and self._writing == 0
+        self._after_gap = fade_out
+        if not (fade_in or fade_out):
+            return samples
+        smoothed = samples.astype(np.float32)
+        if fade_in:
+            smoothed[:EDGE_FADE_SAMPLES] *= _FADE_IN
+        if fade_out:
+            smoothed[-EDGE_FADE_SAMPLES:] *= _FADE_OUT
+        return np.round(smoothed).astype(np.int16)
 
     def _resolve_audio_waiters(self) -> None:
         if not self._audio_waiters:

@@ -35,6 +35,7 @@ from agent.engine import (
     played_fraction,
 )
 from agent.session import Session, SessionConfig
+from agent.tracks import EDGE_FADE_SAMPLES
 from agent.turns import TurnConfig
 from audio_dsp import (
     Endpointer,
@@ -504,10 +505,15 @@ async def test_a_short_sound_over_the_answer_ducks_it_then_it_resumes_with_nothi
     assert call.audio_frames_sent(t_duck, t_release) == 0  # silence while ducked
     assert len(call.messages("duck")) == len(call.messages("unduck")) == 1
     assert call.messages("flush") == [] and call.interruptions() == 0
-    # the same frames as without the sound, the 5 before the duck twice
+    # the same frames as without the sound, the 5 before the duck twice; the first of those
+    # fades in over its first 5 ms (it follows silence)
     k = call.audio_frames_sent(0, t_duck)
     replayed = expected[:k] + expected[k - 5 : k] + expected[k:]
     assert len(sent) == len(replayed)
+    edge = EDGE_FADE_SAMPLES
+    assert np.array_equal(sent[k][edge:], replayed[k][edge:])
+    assert np.all(np.abs(sent[k][:edge].astype(int)) <= np.abs(replayed[k][:edge].astype(int)))
+    del sent[k], replayed[k]
     assert all(np.array_equal(a, b) for a, b in zip(sent, replayed, strict=True))
     reply = call.engine.replies[0]
     assert not reply.cancelled and reply.played_s == [None]

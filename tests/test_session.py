@@ -18,7 +18,7 @@ from agent import metrics
 from agent.engine import EngineError
 from agent.session import Session, SessionConfig
 from agent.tasks import cancel_and_wait
-from agent.tracks import FRAME_SAMPLES, OUTPUT_SAMPLE_RATE, AgentAudioTrack
+from agent.tracks import EDGE_FADE_SAMPLES, FRAME_SAMPLES, OUTPUT_SAMPLE_RATE, AgentAudioTrack
 from agent.turns import TurnConfig, TurnManager
 from audio_dsp import (
     EndpointerConfig,
@@ -111,8 +111,9 @@ def numbered_frames(count: int) -> np.ndarray:
 
 
 def frame_numbers(frames: list[AudioFrame]) -> list[int]:
-    """Which numbered frame each sent frame carries (0 = silence)."""
-    return [round(int(f.to_ndarray()[0, 0]) / 32767 * 100) for f in frames]
+    """Which numbered frame each sent frame carries (0 = silence), read mid-frame (past the
+    fade of a frame that starts after silence)."""
+    return [round(int(f.to_ndarray()[0, FRAME_SAMPLES // 2]) / 32767 * 100) for f in frames]
 
 
 async def test_a_held_track_sends_silence_keeps_its_audio_and_the_writer_waits() -> None:
@@ -160,6 +161,54 @@ async def test_flush_ends_a_hold_and_drops_the_held_audio() -> None:
     assert track.resume(replay_samples=FRAME_SAMPLES) == 0  # nothing held, nothing to replay
     await track.write(numbered_frames(1))
     assert frame_numbers([await track.recv()]) == [1]  # the next answer plays at once
+    track.stop()
+
+
+def _samples(frames: list[AudioFrame]) -> np.ndarray:
+    return np.concatenate([f.to_ndarray().reshape(-1) for f in frames]).astype(np.int32)
+
+
+async def test_audio_that_runs_out_fades_out_and_goes_on_fading_in_nothing_lost_or_repeated() -> (
+    None
+):
+    """An engine behind playback: the track runs dry mid-answer, then gets the rest."""
+    track = AgentAudioTrack()
+    answer = tone(0.2, OUTPUT_SAMPLE_RATE, freq=430.0, amp=0.3)  # not at zero every 20 ms
+    first, rest = answer[:4800], answer[4800:]
+    writer = asyncio.create_task(track.write(first))
+    await asyncio.sleep(0)  # the first frames are queued
+    sent = [await track.recv() for _ in range(5)]
+    gap = [await track.recv() for _ in range(2)]  # the engine is late
+    await writer
+    writer = asyncio.create_task(track.write(rest))
+    sent += [await track.recv() for _ in range(5)]
+    await writer
+    assert not _samples(gap).any()
+    audio = _samples(sent)
+    expected = (np.clip(answer, -1, 1) * 32767).round().astype(np.int32)
+    assert len(audio) == len(expected)  # nothing repeated, nothing lost
+    edges = np.zeros(len(audio), bool)
+    for start in (0, 4800 - EDGE_FADE_SAMPLES, 4800, len(audio) - EDGE_FADE_SAMPLES):
+        edges[start : start + EDGE_FADE_SAMPLES] = True
+    assert np.abs(audio - expected)[~edges].max() <= 1  # untouched away from the edges
+    # no click where it stops or starts again: steps no bigger than the tone's own
+    stream = _samples(sent[:5] + gap + sent[5:])
+    tone_step = np.abs(np.diff(expected)).max()
+    assert np.abs(np.diff(stream)).max() <= tone_step + 2
+    assert abs(audio[4799]) < 0.01 * 32767 and abs(audio[4800]) < 0.01 * 32767
+    track.stop()
+
+
+async def test_a_writer_that_keeps_up_gets_no_fades_even_one_frame_ahead() -> None:
+    track = AgentAudioTrack(max_queued_frames=1)  # the queue is empty after every frame sent
+    answer = tone(0.2, OUTPUT_SAMPLE_RATE, freq=430.0, amp=0.3)
+    writer = asyncio.create_task(track.write(answer))
+    await asyncio.sleep(0)
+    sent = [await track.recv() for _ in range(10)]
+    await writer
+    expected = (np.clip(answer, -1, 1) * 32767).round().astype(np.int32)
+    inner = slice(EDGE_FADE_SAMPLES, -EDGE_FADE_SAMPLES)  # the answer's own start and end fade
+    assert np.abs(_samples(sent)[inner] - expected[inner]).max() <= 1
     track.stop()
 
 
