@@ -115,28 +115,25 @@ class AgentAudioTrack(MediaStreamTrack):
         Waits while the queue is full. A `flush()` or `stop()` during the wait drops the rest.
         Samples that do not fill a frame are held until the next write or `drain()`.
         """
-        generation = self._generation
-        self._writing += 1
-        try:
-            for frame in self._chunker.push(float32_to_int16(samples)):
-                if not await self._wait_for_room(generation):
-                    return
-                self._enqueue(frame)
-        finally:
-            self._writing -= 1
+        await self._enqueue_all(self._chunker.push(float32_to_int16(samples)))
 
     async def drain(self) -> None:
         """Send any held partial frame (padded with silence), then wait until all is sent."""
+        if await self._enqueue_all(self._chunker.flush()):
+            await self._empty.wait()
+
+    async def _enqueue_all(self, frames: list[np.ndarray]) -> bool:
+        """Queue `frames` as room frees up; False if a flush or stop dropped the rest."""
         generation = self._generation
-        for frame in self._chunker.flush():
-            self._writing += 1
-            try:
+        self._writing += 1
+        try:
+            for frame in frames:
                 if not await self._wait_for_room(generation):
-                    return
+                    return False
                 self._enqueue(frame)
-            finally:
-                self._writing -= 1
-        await self._empty.wait()
+            return True
+        finally:
+            self._writing -= 1
 
     def flush(self) -> None:
         """Drop everything queued (or held) now; pending writers return without queuing more."""
