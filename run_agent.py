@@ -21,6 +21,7 @@ import os
 import signal
 import ssl
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -60,6 +61,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how the LM steps: auto = CUDA graphs on a GPU in bf16, else the static cache "
         "with the fused step; dynamic = transformers' growing cache (least memory); "
         "compile = torch.compile (minutes at start-up)",
+    )
+    p.add_argument(
+        "--reply-language",
+        choices=("any", "english"),
+        default="any",
+        help="english: GLM-4-Voice never writes (and so never speaks) Chinese, Japanese or "
+        "Korean, even when it would answer English speech in Chinese",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help="GLM-4-Voice sampling temperature (default 0.2, as its demo; 0: greedy)",
+    )
+    p.add_argument(
+        "--top-p", type=float, metavar="P", help="GLM-4-Voice nucleus sampling (default 0.8)"
     )
     p.add_argument(
         "--ice-server",
@@ -196,18 +213,37 @@ def choose_engine(requested: str, model_dir: Path) -> tuple[str, str]:
     return "glm4voice", f"a CUDA GPU and the weights in {model_dir} were found"
 
 
-def make_engine(
-    name: str,
-    model_dir: Path,
-    device: str | None = None,
-    quantization: str | None = None,
-    decode_step: str = "auto",
-) -> Engine:
-    """Instantiate the engine `name` (its models load later, in `start()`).
+@dataclass(frozen=True)
+class GLMChoices:
+    """How GLM-4-Voice loads and answers, as the command line chose.
 
-    `device` and `quantization` place GLM-4-Voice (default: CUDA when available, bf16);
-    `decode_step` is `LoadOptions.decode_step`.
+    `device` and `quantization` place it (default: CUDA when available, bf16); `decode_step`
+    is `LoadOptions.decode_step`; `reply_language` is `TokenConstraints.reply_language`;
+    `temperature` and `top_p` (None: the demo's) are its sampling.
     """
+
+    device: str | None = None
+    quantization: str | None = None
+    decode_step: str = "auto"
+    reply_language: str = "any"
+    temperature: float | None = None
+    top_p: float | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> GLMChoices:
+        return cls(
+            device=args.device,
+            quantization=args.quantization,
+            decode_step=getattr(args, "decode_step", "auto"),
+            reply_language=getattr(args, "reply_language", "any"),
+            temperature=getattr(args, "temperature", None),
+            top_p=getattr(args, "top_p", None),
+        )
+
+
+def make_engine(name: str, model_dir: Path, glm: GLMChoices | None = None) -> Engine:
+    """Instantiate the engine `name` (its models load later, in `start()`); `glm` applies
+    to GLM-4-Voice."""
     if name == "offline":
         try:
             from models.offline import OfflineEngine
@@ -219,22 +255,39 @@ def make_engine(
 
         from models.glm4voice import ModelPaths, load_engine
         from models.glm4voice.brain import LoadOptions
+        from models.glm4voice.tokens import TokenConstraints
+        from models.lm import SamplingConfig
     except ImportError as exc:
         raise SystemExit(f"the GLM-4-Voice engine is not available in this install: {exc}") from exc
     missing = glm4voice_weights_missing(model_dir)
     if missing:
         raise SystemExit(f"GLM-4-Voice weights are incomplete in {model_dir}: {missing[:3]}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    glm = glm or GLMChoices()
+    device = glm.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = SamplingConfig()
     try:
-        options = LoadOptions(device=device, quantization=quantization, decode_step=decode_step)
+        options = LoadOptions(
+            device=device,
+            quantization=glm.quantization,
+            decode_step=glm.decode_step,  # type: ignore[arg-type]
+            sampling=SamplingConfig(
+                temperature=defaults.temperature if glm.temperature is None else glm.temperature,
+                top_p=defaults.top_p if glm.top_p is None else glm.top_p,
+            ),
+            constraints=TokenConstraints(reply_language=glm.reply_language),  # type: ignore[arg-type]
+        )
     except ValueError as exc:
         raise SystemExit(f"GLM-4-Voice cannot run that way: {exc}") from exc
-    precision = quantization or str(options.resolved_lm_dtype).removeprefix("torch.")
+    precision = glm.quantization or str(options.resolved_lm_dtype).removeprefix("torch.")
     log.info(
-        "GLM-4-Voice on %s (LM in %s, decode step %s)",
+        "GLM-4-Voice on %s (LM in %s, decode step %s, replies in %s language, "
+        "temperature %g, top-p %g)",
         device,
         precision,
         options.resolved_decode_step,
+        glm.reply_language,
+        options.sampling.temperature,
+        options.sampling.top_p,
     )
     return load_engine(ModelPaths.from_model_dir(model_dir), options)
 
@@ -300,7 +353,7 @@ async def serve(args: argparse.Namespace) -> None:
     """Start the engine and the server; return after SIGINT/SIGTERM and a clean shutdown."""
     name, reason = choose_engine(args.engine, args.model_dir)
     log.info("engine: %s (%s)", name, reason)
-    engine = make_engine(name, args.model_dir, args.device, args.quantization, args.decode_step)
+    engine = make_engine(name, args.model_dir, GLMChoices.from_args(args))
     await start_engine(engine)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

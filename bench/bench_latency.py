@@ -128,9 +128,9 @@ async def one_call(
 
 
 async def bench(args: argparse.Namespace) -> None:
-    from run_agent import make_engine
+    from run_agent import GLMChoices, make_engine
 
-    engine = make_engine(args.engine, args.model_dir, args.device, args.quantization)
+    engine = make_engine(args.engine, args.model_dir, GLMChoices.from_args(args))
     await engine.start()
     medians: dict[int, tuple[float, float] | None] = {}
     try:

@@ -29,7 +29,7 @@ from models.glm4voice import GLM4VoiceEngine, ModelPaths, load_engine
 from models.glm4voice.brain import GLM4VoiceBrain, LoadOptions
 from models.glm4voice.engine import EngineOptions
 from models.glm4voice.static_batch import StaticCacheConfig
-from models.glm4voice.tokens import TokenConstraints, TokenPattern
+from models.glm4voice.tokens import TokenConstraints, TokenPattern, writes_cjk
 from models.glm4voice.worker import BlockHold, Job, ModelWorker
 from models.lm import GLM4VoiceTokenizer, SamplingConfig, audio_tokens_text, build_prompt
 from models.make_tiny import write_tiny_model_set
@@ -606,3 +606,29 @@ def test_replies_decoded_in_one_batch_get_the_audio_each_gets_alone(
         codes = _codes(tokenizer, job.generated)
         alone, _ = decoder.decode(torch.tensor([codes]))
         np.testing.assert_allclose(_audio(reply_events), alone[0].numpy(), atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("language", ["any", "english"])
+def test_an_english_only_brain_never_samples_text_that_writes_chinese(
+    tiny_paths, tokenizer, language
+):
+    """Loaded with `reply_language="english"`, the brain draws a text id that writes no CJK
+    even when the model puts nearly all its mass on one that does (here: the lead byte of 你)."""
+    constraints = TokenConstraints(reply_language=language)  # type: ignore[arg-type]
+    brain = GLM4VoiceBrain.load(
+        tiny_paths, LoadOptions(sampling=SamplingConfig(seed=0), constraints=constraints)
+    )
+    lead = next(i for i in range(256) if tokenizer.decode_bytes([i]) == "你".encode()[:1])
+    rows = brain.masks.table.shape[1]
+    jobs = []
+    for _ in range(8):
+        job = Job(None, "hi", "", lambda event: None, 100, max_ahead_s=8.0)
+        job.logits = torch.zeros(rows)
+        job.logits[lead] = 30.0
+        jobs.append(job)
+    drawn = brain.sample(jobs)
+    if language == "any":
+        assert drawn == [lead] * 8
+    else:
+        assert lead not in drawn
+        assert not any(writes_cjk(tokenizer.decode_bytes([t])) for t in drawn)

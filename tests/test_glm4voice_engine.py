@@ -20,7 +20,13 @@ from models.glm4voice.batching import KVCacheBatch, SerialBatch
 from models.glm4voice.brain import LoadOptions
 from models.glm4voice.engine import EngineOptions, GLM4VoiceEngine, history_prefix
 from models.glm4voice.static_batch import StaticCacheConfig, StaticKVBatch
-from models.glm4voice.tokens import TokenConstraints, TokenMasks, TokenPattern, sample_nucleus
+from models.glm4voice.tokens import (
+    TokenConstraints,
+    TokenMasks,
+    TokenPattern,
+    sample_nucleus,
+    writes_cjk,
+)
 from models.glm4voice.worker import AudioBlock, BlockHold, Job, ModelWorker
 from models.lm import LMStepper, build_random_lm
 from models.lm.configuration_lm import ChatGLMConfig
@@ -555,6 +561,68 @@ def test_allowed_text_ids_restrict_text_but_keep_audio_and_turn_end():
     masks = TokenMasks.build(TinyVocab(), 24, TokenConstraints(allowed_text_ids=frozenset({2, 3})))
     assert _allowed(masks, "text") == {2, 3, 11}
     assert _allowed(masks, "any") == {2, 3, 10, 11} | set(range(12, 20))
+
+
+@pytest.mark.parametrize(
+    ("text", "cjk"),
+    [
+        (" hello", False),
+        (" café", False),
+        ("\u2014\u201cquoted\u201d", False),  # em dash, curly quotes
+        ("\U0001f600", False),  # an emoji
+        ("你好", True),
+        ("，", True),  # fullwidth comma
+        ("。", True),
+        ("こんにちは", True),
+        ("カタカナ", True),
+        ("안녕하세요", True),
+        ("\u2e80", True),  # a CJK radical
+        ("\U00020000", True),  # a supplementary ideograph
+    ],
+)
+def test_writes_cjk_tells_chinese_japanese_and_korean_text_from_english(text, cjk):
+    assert writes_cjk(text.encode()) is cjk
+    assert writes_cjk(b"ok " + text.encode() + b" ok") is cjk
+
+
+def test_writes_cjk_bars_lone_lead_bytes_of_cjk_characters_and_no_other_byte():
+    """Byte-level BPE may split a character: the piece with its lead byte is barred, so the
+    rest of the character can never follow."""
+    barred = {b for b in range(256) if writes_cjk(bytes([b]))}
+    assert barred == set(range(0xE3, 0xEE)) | {0xEF}
+
+
+class PieceVocab(TinyVocab):
+    """TinyVocab whose text ids 0-5 write these pieces (6-9: "x")."""
+
+    pieces = [
+        b" hello",
+        "你".encode(),
+        b"\xe4",
+        " caf\u00e9".encode(),
+        "，".encode(),
+        b"\xbd",
+    ]
+
+    def decode_bytes(self, ids) -> bytes:
+        (token_id,) = ids
+        if token_id < len(self.pieces):
+            return self.pieces[token_id]
+        return super().decode_bytes(ids)
+
+
+def test_english_replies_bar_text_ids_that_write_cjk_but_keep_audio_and_turn_end():
+    english = TokenMasks.build(PieceVocab(), 24, TokenConstraints(reply_language="english"))
+    assert _allowed(english, "text") == {0, 3, 5, 6, 7, 8, 9, 11}
+    assert _allowed(english, "any") == {0, 3, 5, 6, 7, 8, 9} | set(range(10, 20))
+    assert _allowed(english, "audio") == set(range(12, 20)) | {11}
+    anything = TokenMasks.build(PieceVocab(), 24, TokenConstraints())
+    assert _allowed(anything, "text") == set(range(10)) | {11}
+
+
+def test_an_unknown_reply_language_is_refused():
+    with pytest.raises(ValueError, match="reply_language"):
+        TokenConstraints(reply_language="klingon")  # type: ignore[arg-type]
 
 
 def test_token_pattern_interleaves_13_text_and_26_audio_and_may_end_anywhere():

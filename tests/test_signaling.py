@@ -654,6 +654,33 @@ def test_a_decode_step_the_device_cannot_run_is_a_clear_error(tmp_path: Path) ->
 
     write_tiny_model_set(tmp_path)
     with pytest.raises(SystemExit, match="cannot run that way.*CUDA"):
-        run_agent.make_engine("glm4voice", tmp_path, device="cpu", decode_step="graphs")
+        run_agent.make_engine(
+            "glm4voice", tmp_path, run_agent.GLMChoices(device="cpu", decode_step="graphs")
+        )
     args = run_agent.parse_args(["--decode-step", "compile"])
     assert args.decode_step == "compile"
+
+
+def test_reply_language_and_sampling_options_reach_the_glm4voice_load_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.glm4voice
+    from models.make_tiny import write_tiny_model_set
+
+    write_tiny_model_set(tmp_path)
+    loaded = []
+    monkeypatch.setattr(
+        models.glm4voice, "load_engine", lambda paths, options: loaded.append(options)
+    )
+    argv = ["--device", "cpu", "--reply-language", "english", "--temperature", "0.7"]
+    run_agent.make_engine(
+        "glm4voice", tmp_path, run_agent.GLMChoices.from_args(run_agent.parse_args(argv))
+    )
+    run_agent.make_engine("glm4voice", tmp_path, run_agent.GLMChoices(device="cpu", top_p=0.5))
+    english, default = loaded
+    assert english.constraints.reply_language == "english"
+    assert (english.sampling.temperature, english.sampling.top_p) == (0.7, 0.8)
+    assert default.constraints.reply_language == "any"
+    assert (default.sampling.temperature, default.sampling.top_p) == (0.2, 0.5)
+    with pytest.raises(SystemExit, match="top_p"):
+        run_agent.make_engine("glm4voice", tmp_path, run_agent.GLMChoices(device="cpu", top_p=0))

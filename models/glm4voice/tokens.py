@@ -3,9 +3,11 @@
 Every step masks the logits to ids the tokenizer defines (the LM's vocabulary is padded beyond
 them, and a random or fine-tuned model may put mass there). On top of that:
 
-- `TokenConstraints.allowed_text_ids` restricts the *text* the model may write, e.g. to English
-  tokens as the GLM-4-Voice paper did for its English evaluation; audio and turn-end ids stay
-  allowed so the model can still speak and finish.
+- `TokenConstraints.allowed_text_ids` restricts the *text* the model may write to a set of ids;
+  `TokenConstraints.reply_language` "english" bars every text id that writes Chinese, Japanese
+  or Korean (as the GLM-4-Voice paper did for its English evaluation: the model sometimes
+  answers English speech in Chinese). The model speaks what it writes, so its speech follows.
+  Audio and turn-end ids stay allowed so the model can still speak and finish.
 - `TokenPattern` enforces the trained interleaving (13 text ids, then 26 audio ids, repeating)
   and can force the turn end after a fixed number of ids. A trained model follows the layout on
   its own; the pattern makes random-weight models behave like it in tests and benchmarks (fixed
@@ -21,6 +23,9 @@ from typing import Literal, Protocol
 import torch
 
 from models.lm import sample_next
+
+ReplyLanguage = Literal["any", "english"]
+REPLY_LANGUAGES: tuple[ReplyLanguage, ...] = ("any", "english")
 
 # "text"/"audio": that class or a turn end; "text_only"/"audio_only": that class alone.
 Phase = Literal["any", "text", "audio", "stop", "text_only", "audio_only"]
@@ -69,6 +74,13 @@ class TokenConstraints:
 
     allowed_text_ids: frozenset[int] | None = None
     pattern: TokenPattern | None = None
+    reply_language: ReplyLanguage = "any"
+
+    def __post_init__(self) -> None:
+        if self.reply_language not in REPLY_LANGUAGES:
+            raise ValueError(
+                f"reply_language must be one of {REPLY_LANGUAGES}, not {self.reply_language!r}"
+            )
 
     def phase(self, position: int) -> Phase:
         return "any" if self.pattern is None else self.pattern.phase(position)
@@ -83,12 +95,38 @@ class Vocabulary(Protocol):
     def turn_stop_ids(self) -> Collection[int]: ...
 
 
-def _defined(vocab: Vocabulary, token_id: int) -> bool:
+def _text_bytes(vocab: Vocabulary, token_id: int) -> bytes | None:
+    """The UTF-8 bytes an id writes; None for ids the tokenizer does not define."""
     try:
-        vocab.decode_bytes([token_id])
+        return vocab.decode_bytes([token_id])
     except ValueError:
-        return False
-    return True
+        return None
+
+
+# UTF-8 lead bytes of three-byte characters from U+3000 to U+DFFF (CJK punctuation, kana,
+# ideographs, Yi, Hangul) and from U+F000 (CJK compatibility ideographs, fullwidth forms).
+_CJK_LEADS = frozenset(range(0xE3, 0xEE)) | {0xEF}
+
+
+def writes_cjk(piece: bytes) -> bool:
+    """Whether a token's bytes start a Chinese, Japanese or Korean character.
+
+    Byte-level BPE splits characters across tokens, so the test is on UTF-8 lead bytes (a
+    token made only of continuation bytes completes a character another token started):
+    U+3000-U+DFFF and U+F000-U+FFFF, the CJK radicals at U+2E80-U+2FFF and the supplementary
+    ideographs from U+20000. Latin letters with accents, dashes, curly quotes and emoji pass.
+    """
+    for i, byte in enumerate(piece):
+        if byte in _CJK_LEADS:
+            return True
+        follower = piece[i + 1] if i + 1 < len(piece) else None
+        if follower is None:
+            continue
+        if byte == 0xE2 and follower >= 0xBA:  # U+2E80-U+2FFF
+            return True
+        if byte == 0xF0 and follower >= 0xA0:  # U+20000 and beyond
+            return True
+    return False
 
 
 class TokenMasks:
@@ -110,13 +148,14 @@ class TokenMasks:
         audio = torch.zeros(rows, dtype=torch.bool)
         special = torch.zeros(rows, dtype=torch.bool)
         stop = torch.zeros(rows, dtype=torch.bool)
+        english = constraints.reply_language == "english"
         for token_id in range(rows):
             if vocab.is_audio(token_id):
                 audio[token_id] = True
             elif vocab.is_special(token_id):
                 special[token_id] = True
-            elif _defined(vocab, token_id):
-                text[token_id] = True
+            elif (piece := _text_bytes(vocab, token_id)) is not None:
+                text[token_id] = not (english and writes_cjk(piece))
         for token_id in vocab.turn_stop_ids():
             if token_id < rows:
                 stop[token_id] = True
