@@ -280,8 +280,7 @@ def make_engine(name: str, model_dir: Path, glm: GLMChoices | None = None) -> En
         raise SystemExit(f"GLM-4-Voice cannot run that way: {exc}") from exc
     precision = glm.quantization or str(options.resolved_lm_dtype).removeprefix("torch.")
     log.info(
-        "GLM-4-Voice on %s (LM in %s, decode step %s, replies in %s language, "
-        "temperature %g, top-p %g)",
+        "GLM-4-Voice on %s (LM in %s, decode step %s, reply language %s, temperature %g, top-p %g)",
         device,
         precision,
         options.resolved_decode_step,
