@@ -198,6 +198,7 @@ class _ActiveReply:
     reply: Reply
     record: TurnRecord
     events: AsyncIterable[ReplyEvent] | None = None  # default: the reply itself
+    early_fetch: asyncio.Task[None] | None = None  # an early reply's own reader, if adopted
     task: asyncio.Task[None] | None = None
     text: str = ""
     audio_start: int | None = None  # output.played_samples when its first audio was queued
@@ -326,31 +327,39 @@ class TurnManager:
     ) -> None:
         """A user turn ended at clock time `user_stop`: answer it (unless it was a backchannel).
 
-        `listener` is the engine's ear that heard this speech as it was spoken, if any.
+        `listener` is the engine's ear that heard this speech as it was spoken, if any; it is
+        closed if the turn goes unanswered, even when this call is cancelled.
         """
-        async with self._lock:
-            early, self._early = self._early, None
-            if self._state == "speaking" or self._closed:
-                self._log.info("ignoring %.2f s of speech over the answer", event.duration_s)
-                if listener is not None:
-                    listener.close()
+        early: _EarlyReply | None = None
+        try:
+            async with self._lock:
+                early, self._early = self._early, None
+                if self._state == "speaking" or self._closed:
+                    self._log.info("ignoring %.2f s of speech over the answer", event.duration_s)
+                    if listener is not None:
+                        listener.close()
+                    self._drop_early(early)
+                    return
+                audio = self._turn_audio(event.audio)
+                if self._held_audio is not None:
+                    self._held_audio = None
+                    if listener is not None:  # it heard only the second part
+                        listener.close()
+                        listener = None
+                await self._stop_active(keep_history=True, reason="new-turn")
+                if early is not None and self._early_fits(early, event):
+                    if listener is not None:  # the early reply has its own
+                        listener.close()
+                    self._adopt(early, user_stop)
+                    return
                 self._drop_early(early)
-                return
-            audio = self._turn_audio(event.audio)
-            if self._held_audio is not None:
-                self._held_audio = None
-                if listener is not None:  # it heard only the second part
-                    listener.close()
-                    listener = None
-            await self._stop_active(keep_history=True, reason="new-turn")
-            if early is not None and self._early_fits(early, event):
-                if listener is not None:  # the early reply has its own
-                    listener.close()
-                self._adopt(early, user_stop)
-                return
-            self._drop_early(early)
-            turn = UserTurn(audio=audio, listener=listener)
-            self._begin(turn, "audio", user_stop)
+                turn = UserTurn(audio=audio, listener=listener)
+                self._begin(turn, "audio", user_stop)
+        except asyncio.CancelledError:  # before the turn reached the engine
+            if listener is not None:
+                listener.close()
+            self._drop_early(early)  # taken above, neither adopted nor dropped yet
+            raise
 
     async def on_speech_paused(
         self, event: SpeechPaused, listener: TurnListener | None = None
@@ -462,7 +471,9 @@ class TurnManager:
     def _adopt(self, early: _EarlyReply, user_stop: float) -> None:
         record = TurnRecord("audio", user_stop, requested=early.requested, early=True)
         metrics.EARLY_REPLIES_TOTAL.labels(outcome="used").inc()
-        active = _ActiveReply(early.turn, early.reply, record, events=early.events())
+        active = _ActiveReply(
+            early.turn, early.reply, record, events=early.events(), early_fetch=early.fetch
+        )
         self._run_reply(active, "audio")
 
     def _drop_early(self, early: _EarlyReply | None) -> None:
@@ -531,7 +542,7 @@ class TurnManager:
             self._release_duck(active, replay=False)
         self._active = None
         active.close_record(interrupted=False)
-        self._remember(active.reply.history(played_s))
+        self._remember(self._history_of(active.reply, played_s))
         if failed and active.audio_start is not None:
             self._flush_output()
         self._set_state("listening")
@@ -544,13 +555,17 @@ class TurnManager:
         self.silence()
         self._active = None
         played_s = active.stopped_played_s or 0.0
-        await self._cancel_task(active)
-        await self._cancel_reply(active.reply)
+        try:
+            await self._cancel_task(active)
+            if active.early_fetch is not None:  # its stream may have stopped before reading it
+                await cancel_and_wait(active.early_fetch, self._log)
+        finally:  # even when this handler is cancelled itself (the session closing)
+            await self._cancel_reply(active.reply)
         active.close_record(interrupted=True)
         metrics.INTERRUPTIONS_TOTAL.labels(reason=reason).inc()
         self._log.info("reply stopped (%s) after %.2f s of audio", reason, played_s)
         if keep_history:
-            kept = active.reply.history(played_s)
+            kept = self._history_of(active.reply, played_s)
             self._remember(kept)
             heard = next((i.text for i in kept if i.role == "assistant"), "")
             self._send(encode("transcript", role="assistant", text=heard, final=True))
@@ -638,6 +653,15 @@ class TurnManager:
         assert latency is not None
         metrics.FIRST_AUDIO_SECONDS.observe(max(latency, 0.0))
         self._log.info("first audio %.0f ms after the user stopped", latency * 1000)
+
+    def _history_of(self, reply: Reply, played_s: float | None) -> list[HistoryItem]:
+        """What the exchange leaves in the history; nothing when the engine cannot say, so
+        that the conversation goes on (without this exchange)."""
+        try:
+            return reply.history(played_s)
+        except Exception:
+            self._log.exception("the engine could not give the history of a reply")
+            return []
 
     def _remember(self, items: list[HistoryItem]) -> None:
         self._history_version += 1
