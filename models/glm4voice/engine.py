@@ -187,8 +187,8 @@ class GLM4VoiceReply(Reply):
         while True:
             self._consumed()
             event = await self._events.get()
-            if event is None:
-                return
+            if event is None or self._job.cancelled.is_set():
+                return  # the end, or a cancel: what was queued before it is not wanted
             if isinstance(event, BaseException):
                 raise EngineError(f"the voice model failed: {event}") from event
             if isinstance(event, AudioChunk):
@@ -225,7 +225,12 @@ class GLM4VoiceReply(Reply):
         if generated and self._engine.is_stop(generated[-1]):
             generated = generated[:-1]
         total_s = job.audio_samples_emitted / self._engine.sample_rate
-        interrupted = not job.done or played_fraction(played_s, total_s) < 1.0
+        # A cancel may drop blocks of an answer generated whole: their ids were never heard.
+        audio_ids = sum(1 for t in generated if self._engine.is_audio(t))
+        dropped = job.audio_tokens_decoded < audio_ids
+        if dropped and played_s is None:
+            played_s = job.audio_tokens_decoded * AUDIO_TOKEN_S
+        interrupted = not job.done or dropped or played_fraction(played_s, total_s) < 1.0
         if interrupted:
             generated = self._cut(generated, played_s)
         completion = self._engine.decode(generated)

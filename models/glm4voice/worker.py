@@ -541,8 +541,11 @@ class ModelWorker:
         if runnable:
             self._step(runnable)
             worked = True
-        elif self._blocks and self._lane is not None and not self._lane.busy:
-            self._decode_ready_blocks(0)  # blocks that waited for the lane; nothing steps
+        elif self._blocks and (self._lane is None or not self._lane.busy):
+            # blocks that waited for the lane (it may have been stopped since); nothing steps
+            self._decode_ready_blocks(0)
+            for job in [j for j in self._active if j.done and not self._awaits_decoder(j)]:
+                self._finish(job)
             worked = True
         return worked
 
@@ -589,8 +592,11 @@ class ModelWorker:
             try:
                 self.brain.listen(listener, samples)
             except Exception:
-                logger.exception("streaming speech tokenization failed; the turn is redone whole")
-                listener.failed = True
+                if not listener.closed:  # else its state went away under the tokenizer
+                    logger.exception("streaming speech tokenization failed; the turn is redone")
+                    listener.failed = True
+                listener.state = None
+            if listener.closed:  # closed while tokenized: drop the state the brain just set
                 listener.state = None
         return bool(listeners)
 
