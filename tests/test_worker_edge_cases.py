@@ -157,3 +157,29 @@ def test_a_listener_closed_while_tokenized_keeps_no_tokenizer_state():
         assert worker._serve_listeners()
         assert listener.state is None
         assert not listener.failed  # a closed listener is not a failed one
+
+
+class MiscountingDecoderBrain(ScriptedBrain):
+    """A decoder that gives no audio for the blocks of the reply to "bad"."""
+
+    block_tokens = 10
+
+    def decode_audio_many(self, blocks: list[AudioBlock]) -> list[np.ndarray]:
+        speeches = super().decode_audio_many(blocks)
+        return [s for b, s in zip(blocks, speeches, strict=True) if b.job.turn_text != "bad"]
+
+
+def test_a_decoder_call_that_miscounts_ends_only_the_replies_in_it():
+    worker = ModelWorker(MiscountingDecoderBrain(rounds=1))
+    events: dict[str, list] = {"bad": [], "good": []}
+    bad, good = _job("bad", events["bad"]), _job("good", events["good"])
+    worker.submit(bad)
+    worker._round()  # "bad" starts a round ahead: its blocks complete in rounds of their own
+    worker.submit(good)
+    for _ in range(200):
+        if good.finished.is_set():
+            break
+        worker._round()
+    assert isinstance(events["bad"][-2], Exception) and events["bad"][-1] is None
+    assert not any(isinstance(e, Exception) for e in events["good"])
+    assert _audio_samples(events["good"]) == 26 * SAMPLES_PER_TOKEN

@@ -787,11 +787,10 @@ class ModelWorker:
         started = time.perf_counter()
         try:
             speeches = self.brain.decode_audio_many(blocks)
-        except Exception as exc:
-            self._fail_all([block.job for block in blocks], exc)
-            return
-        elapsed = time.perf_counter() - started
-        self._deliver_call(DecodedCall(blocks, speeches, None, started, elapsed))
+            elapsed = time.perf_counter() - started
+            self._deliver_call(DecodedCall(blocks, speeches, None, started, elapsed))
+        except Exception as exc:  # the replies of this call end; the others go on
+            self._fail_all([block.job for block in blocks if block.job in self._active], exc)
 
     def _deliver_call(self, call: DecodedCall) -> None:
         """Stream the audio of a successful decoder call (on the lane's thread with a lane:
