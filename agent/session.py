@@ -165,7 +165,8 @@ class Session:
         self._echo = echo_canceller if echo_canceller is not None else self._build_canceller()
         if self._echo is not None:
             self._attach_far_end(self._echo)
-        self._inbox: asyncio.Queue[ClientMessage] = asyncio.Queue(maxsize=64)
+        # client messages, each with the reply an interrupt silenced on arrival
+        self._inbox: asyncio.Queue[tuple[ClientMessage, object | None]] = asyncio.Queue(64)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._has_input = False
@@ -305,30 +306,32 @@ class Session:
         await self.turns.on_speech_ended(event, user_stop, listener)
 
     def _on_client_message(self, message: ClientMessage) -> None:
+        silenced = None
         if message.type == "interrupt":
-            self.turns.silence()  # now, ahead of anything queued; `_apply` winds the reply up
+            # now, ahead of anything queued; `_apply` winds that reply (and no later one) up
+            silenced = self.turns.silence()
         try:
-            self._inbox.put_nowait(message)
+            self._inbox.put_nowait((message, silenced))
         except asyncio.QueueFull:
             self.log.warning("dropping a %s message: too many pending", message.type)
 
     async def _control_loop(self) -> None:
         while True:
-            message = await self._inbox.get()
+            message, silenced = await self._inbox.get()
             try:
-                await self._apply(message)
+                await self._apply(message, silenced)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 self.log.exception("failed to apply a %s message", message.type)
 
-    async def _apply(self, message: ClientMessage) -> None:
+    async def _apply(self, message: ClientMessage, silenced: object | None) -> None:
         if message.type == "text":
             self.log.info("text turn (%d chars)", len(message.fields["text"]))
             await self.turns.on_user_text(message.fields["text"])
         elif message.type == "interrupt":
             self.log.info("client interrupt")
-            await self.turns.interrupt()
+            await self.turns.interrupt(silenced)
 
     def _close_echo_canceller(self) -> None:
         close = getattr(self._echo, "close", None)  # optional: backends holding native state

@@ -56,6 +56,7 @@ from agent.tasks import cancel_and_wait
 from audio_dsp import SpeechEnded, SpeechPaused, SpeechStarted, StreamResampler
 
 MAX_RECORDS = 1000
+ANSWER_IN_FLIGHT = object()  # `TurnManager.interrupt`: whatever answer is in flight
 
 State = Literal["listening", "thinking", "speaking"]
 DuckEvent = Literal["duck", "release", "stop"]
@@ -301,16 +302,17 @@ class TurnManager:
         """True while the answer in flight is held by a provisional barge-in."""
         return self._active is not None and self._active.ducked_at is not None
 
-    def silence(self, since_s: float = 0.0) -> None:
+    def silence(self, since_s: float = 0.0) -> object | None:
         """Silence the answer in flight now, without the lock: the barge-in fast path.
 
         Drops queued audio, tells the client to flush its buffer and stops the streaming task;
         the handler that follows (`interrupt`, a barge-in) winds the reply up under the lock.
         `since_s`: how long ago the user began what caused it (recorded as stop latency).
+        Returns the silenced reply as a token for `interrupt` (None when none was in flight).
         """
         active = self._active
         if active is None or active.stopped_played_s is not None:
-            return
+            return active
         if active.task is not None:
             active.task.cancel()
         if active.ducked_at is not None:  # the flush below drops the held audio too
@@ -321,6 +323,7 @@ class TurnManager:
             self._flush_output()
             metrics.STOP_LATENCY_SECONDS.observe(since_s)
         active.stopped_played_s = self._played_s(active)
+        return active
 
     async def on_speech_ended(
         self, event: SpeechEnded, user_stop: float, listener: TurnListener | None = None
@@ -406,9 +409,17 @@ class TurnManager:
             await self._stop_active(keep_history=True, reason="new-turn")
             self._begin(UserTurn(text=text), "text", self._clock())
 
-    async def interrupt(self) -> None:
-        """The client asked the agent to stop talking."""
+    async def interrupt(self, silenced: object | None = ANSWER_IN_FLIGHT) -> None:
+        """The client asked the agent to stop talking.
+
+        `silenced`: what `silence` returned when the request came in. Only that reply is
+        stopped: one begun since (a turn that ended in between) was not heard yet, and one
+        that ended meanwhile has nothing left to stop. By default the answer in flight stops.
+        """
         async with self._lock:
+            if silenced is not ANSWER_IN_FLIGHT and self._active is not silenced:
+                self._log.info("client interrupt: the reply it meant is over already")
+                return
             await self._stop_active(keep_history=True, reason="client")
 
     async def close(self) -> None:

@@ -83,3 +83,32 @@ async def test_a_reply_that_cannot_give_its_history_leaves_the_conversation_goin
     assert len(h.engine.calls) == 3
     assert all(history == [] for _, history in h.engine.calls)
     await h.close()
+
+
+async def test_an_interrupt_handled_after_a_new_turn_began_leaves_the_new_answer_alone() -> None:
+    """The client's interrupt silences the answer it heard at once; by the time it is handled
+    under the lock, a turn that ended in between may have begun another answer."""
+    h = Harness(Script(audio_s=2.0))
+    await h.turns.on_user_text("first")
+    await h.wait_state("speaking")
+    silenced = h.turns.silence()  # the interrupt arrives
+    await h.turns.on_user_text("second")  # handled first: it stops the first answer itself
+    await h.wait_state("speaking")
+    await h.turns.interrupt(silenced)
+    first, second = h.engine.replies
+    assert first.cancelled and not second.cancelled
+    assert h.turns.state == "speaking"
+    await h.turns.interrupt(h.turns.silence())  # an interrupt of the second answer stops it
+    assert second.cancelled and h.turns.state == "listening"
+    await h.close()
+
+
+async def test_an_interrupt_when_no_answer_was_in_flight_stops_none_begun_later() -> None:
+    h = Harness(Script(audio_s=2.0))
+    silenced = h.turns.silence()
+    assert silenced is None
+    await h.turns.on_user_text("hello")
+    await h.wait_state("speaking")
+    await h.turns.interrupt(silenced)
+    assert not h.engine.replies[0].cancelled
+    await h.close()
