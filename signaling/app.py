@@ -34,7 +34,7 @@ from agent.session import Session
 from signaling.audit import AuditLog
 from signaling.auth import SUBJECT_KEY, auth_middleware
 from signaling.config import ServerConfig
-from signaling.limits import RateLimiter, retry_after_header
+from signaling.limits import RateLimiter, rate_key, retry_after_header
 from signaling.logs import SESSION_ID
 from signaling.registry import Connection, ConnectionRegistry, InboundActivityTrack, Supervision
 
@@ -147,9 +147,15 @@ def _audit_fields(conn: Connection) -> dict[str, Any]:
 @web.middleware
 async def _cors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Let pages on the configured origins call /config and /offer and load the modules."""
+    config = request.app[CONFIG_KEY]
     origin = request.headers.get("Origin")
-    if origin is None or not request.app[CONFIG_KEY].allows_origin(origin):
-        return await handler(request)
+    if origin is None or not config.allows_origin(origin):
+        response = await handler(request)
+        if config.allowed_origins:
+            # Whether the CORS headers are there depends on Origin: a cache must not hand this
+            # response (without them) to a page on an allowed origin.
+            _vary_on_origin(response)
+        return response
     if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         response: web.StreamResponse = web.Response(status=204)
         response.headers["Access-Control-Allow-Methods"] = "GET, POST"
@@ -159,8 +165,14 @@ async def _cors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
     response.headers["Access-Control-Allow-Origin"] = origin
     response.headers["Access-Control-Expose-Headers"] = "Retry-After"
-    response.headers["Vary"] = "Origin"
+    _vary_on_origin(response)
     return response
+
+
+def _vary_on_origin(response: web.StreamResponse) -> None:
+    vary = [v.strip() for v in response.headers.get("Vary", "").split(",") if v.strip()]
+    if not any(v.lower() == "origin" or v == "*" for v in vary):
+        response.headers["Vary"] = ", ".join([*vary, "Origin"])
 
 
 @web.middleware
@@ -231,7 +243,9 @@ async def _offer(request: web.Request) -> web.Response:
 def peer_address(request: web.Request) -> str:
     """The caller's address: the socket peer, or the proxy's last X-Forwarded-For entry."""
     if request.app[CONFIG_KEY].trust_forwarded_for:
-        forwarded = request.headers.get("X-Forwarded-For", "")
+        # Repeated headers are one comma-separated list (a proxy may append its own header
+        # after one the client sent): the proxy's entry is the last of the last header.
+        forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
         last = forwarded.rsplit(",", 1)[-1].strip()
         if last:
             return last[:64]
@@ -239,7 +253,7 @@ def peer_address(request: web.Request) -> str:
 
 
 def _check_rate(app: web.Application, peer: str) -> None:
-    wait_s = app[RATE_LIMITER_KEY].check(peer)
+    wait_s = app[RATE_LIMITER_KEY].check(rate_key(peer))
     if wait_s > 0:
         message = f"too many calls from your address; try again in {retry_after_header(wait_s)} s"
         raise OfferError(429, message, "rate_limited", wait_s)
@@ -259,7 +273,14 @@ async def _read_offer(request: web.Request) -> str:
     if request.content_type != "application/json":
         raise OfferError(415, "send the offer as application/json", "invalid")
     try:
-        body = json.loads(await request.text())
+        text = await request.text()
+    except LookupError as exc:  # a charset Python does not know
+        message = f"unknown charset {(request.charset or '')[:20]!r}: send the offer as UTF-8"
+        raise OfferError(415, message, "invalid") from exc
+    except ValueError as exc:  # bytes that are not in the declared charset
+        raise OfferError(400, "request body is not valid JSON", "invalid") from exc
+    try:
+        body = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise OfferError(400, "request body is not valid JSON", "invalid") from exc
     if not isinstance(body, dict):
@@ -298,8 +319,14 @@ async def _answer(
     token = SESSION_ID.set(conn_id)
     try:
         conn = _register(app, conn_id, peer, subject)
-        prefetch = app[CONFIG_KEY].inbound_prefetch_frames
-        return await _negotiate(app[REGISTRY_KEY], conn, sdp, prefetch)
+        config = app[CONFIG_KEY]
+        return await _negotiate(
+            app[REGISTRY_KEY],
+            conn,
+            sdp,
+            config.inbound_prefetch_frames,
+            config.busy_retry_after_s,
+        )
     finally:
         SESSION_ID.reset(token)
 
@@ -336,8 +363,14 @@ def set_inbound_prefetch(pc: RTCPeerConnection, frames: int, logger: Any = log) 
 
 
 async def _negotiate(
-    registry: ConnectionRegistry, conn: Connection, sdp: str, prefetch_frames: int | None = None
+    registry: ConnectionRegistry,
+    conn: Connection,
+    sdp: str,
+    prefetch_frames: int | None = None,
+    retry_after_s: float = 10.0,
 ) -> RTCSessionDescription:
+    """The answer to `sdp`. A connection closed meanwhile (server shutdown, connect timeout:
+    ICE gathering can take seconds) gets no answer, since it could never connect."""
     pc, session = conn.pc, conn.session
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -346,10 +379,19 @@ async def _negotiate(
         pc.addTrack(session.output_track)
         await pc.setLocalDescription(await pc.createAnswer())
     except Exception as exc:  # aiortc raises ValueError/others on SDP it cannot use
+        if conn.close_reason is not None:
+            raise _closed_while_answering(conn, retry_after_s) from exc
         session.log.info("cannot answer the offer: %s", exc)
         await registry.close(conn.id, "unusable offer")
         raise OfferError(400, f"the offer could not be used: {exc}"[:300], "invalid") from exc
+    if conn.close_reason is not None:
+        raise _closed_while_answering(conn, retry_after_s)
     return pc.localDescription
+
+
+def _closed_while_answering(conn: Connection, retry_after_s: float) -> OfferError:
+    message = f"the call was closed before it was answered ({conn.close_reason}); please call again"
+    return OfferError(503, message, "busy", retry_after_s)
 
 
 def _wire(conn: Connection, registry: ConnectionRegistry) -> None:

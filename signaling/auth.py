@@ -51,7 +51,7 @@ class AuthConfig:
 
     def authenticate(self, token: str) -> str | None:
         """The subject `token` proves, or None when it proves nothing."""
-        if self.bearer_token and hmac.compare_digest(token.encode(), self.bearer_token.encode()):
+        if self.bearer_token and _same_secret(token, self.bearer_token):
             return STATIC_SUBJECT
         if self.token_secret:
             # imported here so that `python -m signaling.tokens` does not import itself twice
@@ -65,8 +65,16 @@ class AuthConfig:
 
     def authenticate_metrics(self, token: str) -> bool:
         if self.metrics_token:
-            return hmac.compare_digest(token.encode(), self.metrics_token.encode())
+            return _same_secret(token, self.metrics_token)
         return self.authenticate(token) is not None
+
+
+def _same_secret(given: str, secret: str) -> bool:
+    """Constant-time comparison; `given` may hold any bytes a header carried (non-UTF-8 ones
+    arrive as surrogate escapes)."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), secret.encode("utf-8", "surrogateescape")
+    )
 
 
 SUBJECT_KEY = web.RequestKey("auth_subject", str | None)

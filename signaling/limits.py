@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections import OrderedDict
@@ -66,9 +67,26 @@ class RateLimiter:
         return bucket
 
 
+def rate_key(address: str) -> str:
+    """The bucket a peer address spends from: an IPv4 address itself, an IPv6 address its /64.
+
+    One IPv6 subscriber holds a whole /64 and can send from any address in it, so keying by the
+    full address would give each of its calls a fresh bucket.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip.packed, 64), strict=False))
+    return str(ip)
+
+
 def retry_after_header(seconds: float) -> str:
     """A Retry-After value: whole seconds, at least 1."""
     return str(max(1, math.ceil(seconds)))
 
 
-__all__ = ["MAX_TRACKED_PEERS", "RateLimiter", "retry_after_header"]
+__all__ = ["MAX_TRACKED_PEERS", "RateLimiter", "rate_key", "retry_after_header"]
