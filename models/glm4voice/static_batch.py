@@ -282,20 +282,24 @@ class StaticKVBatch:
         token_ids, positions, index = inputs[0, :, None], inputs[1, :, None], inputs[2]
         # Every row of the bucket sees the new column for this step (a row outside the step
         # sees its own junk entry, so no row's softmax is empty); afterwards only the rows
-        # that took a token keep it.
+        # that took a token keep it. A failed step leaves the column hidden from every row.
         self._bias[:rows, cursor] = 0
         span = (
             self.config.max_len if self.mode == "compile" else self.config.column_span(cursor + 1)
         )
         self.cache.span = span
-        with torch.inference_mode():
-            self.cache.column.fill_(cursor)
-            mask = self._bias[:rows, None, None, :span]
-            logits = self._run_step(token_ids, positions, mask)
-            if slots == list(range(len(slots))):
-                logits = logits[: len(slots)].clone()
-            else:
-                logits = logits.index_select(0, index[: len(slots)])
+        try:
+            with torch.inference_mode():
+                self.cache.column.fill_(cursor)
+                mask = self._bias[:rows, None, None, :span]
+                logits = self._run_step(token_ids, positions, mask)
+                if slots == list(range(len(slots))):
+                    logits = logits[: len(slots)].clone()
+                else:
+                    logits = logits.index_select(0, index[: len(slots)])
+        except BaseException:
+            self._bias[:rows, cursor] = self._hidden
+            raise
         left_out = sorted(set(range(rows)) - set(slots))
         if left_out:
             self._bias[left_out, cursor] = self._hidden
