@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from agent.engine import AudioChunk, TextDelta, UserTurn
+from agent.engine import AudioChunk, EngineError, TextDelta, UserTurn
 from agent.session import SessionConfig
 from agent.tracks import AgentAudioTrack
 from agent.turns import TurnManager
@@ -360,6 +360,26 @@ async def test_a_conversation_longer_than_the_context_drops_its_oldest_exchanges
     # after a cut the next turns continue the kept history (not one cut per turn)
     cuts = [i for i in range(1, 12) if prompts[i][: len(prompts[i - 1])] != prompts[i - 1]]
     assert 1 <= len(cuts) <= 3
+
+
+async def test_a_turn_too_long_for_the_context_fails_clearly_and_leaves_no_history(
+    tiny_paths, tokenizer
+):
+    load = replace(
+        _load_options(tokenizer, answer_ids=40),
+        static_cache=StaticCacheConfig(max_batch=2, max_len=600),
+    )
+    engine = load_engine(tiny_paths, load, EngineOptions(max_new_tokens=100, warmup=False))
+    await engine.start()
+    try:
+        reply = engine.respond(UserTurn(text="hello " * 600), [])
+        with pytest.raises(EngineError, match="this turn alone takes"):
+            await _collect(reply)
+        assert reply.history(None) == []
+        again = engine.respond(UserTurn(text="hello"), reply.history(None))
+        assert any(isinstance(e, AudioChunk) for e in await _collect(again))
+    finally:
+        await engine.close()
 
 
 # ----------------------------------------------------------------------------- early replies

@@ -336,6 +336,7 @@ class GLM4VoiceBrain:
             job.prompt = build_prompt(kept, user_input, mode)
             ids = self.tokenizer.encode(job.prompt)
         if len(ids) > room:
+            job.prompt = ""  # the turn is not answered: it leaves nothing in the history
             raise ValueError(
                 f"this turn alone takes {len(ids)} prompt ids; with room for a "
                 f"{job.max_new_tokens}-id answer at most {room} fit the model's context"
