@@ -27,7 +27,8 @@ export const DEFAULT_MIC_CONSTRAINTS = Object.freeze({
 // The server has no trickle ICE: the offer must carry every candidate, so we wait for gathering
 // to finish, but never longer than this (an unreachable STUN/TURN server can stall it).
 const ICE_GATHERING_TIMEOUT_MS = 5000;
-// From clicking "connect" to audio flowing; ICE checks alone can take this long on bad networks.
+// From clicking "connect" to audio flowing, less the time the user takes to allow the
+// microphone; ICE checks alone can take this long on bad networks.
 const CONNECT_TIMEOUT_MS = 20000;
 const LEVEL_INTERVAL_MS = 50; // `level` events at 20 Hz
 const LEVEL_FLOOR_DB = -60; // RMS at or below this reads as level 0
@@ -46,6 +47,7 @@ const DUCK_MUTE_MAX_MS = 3000;
  * - `state` {state}: the agent's turn state, "listening" | "thinking" | "speaking"
  * - `transcript` {role, text, final}: "user" | "assistant"; `text` is the whole utterance so
  *   far and replaces the previous partial of the same role until one arrives with final=true
+ *   (an answer that ends without one, failed or hung up on, is closed with its text so far)
  * - `error` {message}: something went wrong, in words a person can act on
  * - `level` {level, agentLevel}: microphone and agent loudness, each 0..1, about 20 times a second
  * - `flush` {}: the agent was interrupted; its buffered audio was dropped
@@ -66,6 +68,7 @@ export class VoiceAgent extends EventTarget {
   #session = null; // {pc, channel, mic, context, meters, levelTimer, connectTimer, ready, up}
   #remoteStream = null;
   #silenced = null; // {timer, wasMuted} while the agent audio is muted (duck, flush)
+  #partials = new Map(); // role -> text of its utterance still open (no final transcript yet)
 
   /**
    * @param {object} [options]
@@ -143,12 +146,18 @@ export class VoiceAgent extends EventTarget {
     this.#setStatus("connecting");
     const seconds = CONNECT_TIMEOUT_MS / 1000;
     const slow = new Error(`Connecting took too long: no audio connection after ${seconds} s.`);
-    session.connectTimer = setTimeout(() => this.#fail(session, slow), CONNECT_TIMEOUT_MS);
+    const startTimer = () => {
+      session.connectTimer = setTimeout(() => this.#fail(session, slow), CONNECT_TIMEOUT_MS);
+    };
+    startTimer();
     try {
       this.#bearer = await this.#resolveToken();
       this.#ensureCurrent(attempt, session);
+      // The permission prompt waits for the user as long as they take: not part of connecting.
+      clearTimeout(session.connectTimer);
       session.mic = await openMicrophone(this.#micConstraints);
       this.#ensureCurrent(attempt, session);
+      startTimer();
       this.muted = this.#muted;
       const iceServers = this.#iceServers ?? (await this.#fetchIceServers());
       this.#ensureCurrent(attempt, session);
@@ -300,7 +309,15 @@ export class VoiceAgent extends EventTarget {
       throw err;
     }
     const { type, ...detail } = message;
-    if (type === "state") this.#state = detail.state;
+    if (type === "transcript") {
+      if (detail.final) this.#partials.delete(detail.role);
+      else this.#partials.set(detail.role, detail.text);
+    }
+    if (type === "state") {
+      this.#state = detail.state;
+      // The answer is over; one that failed got no final transcript: close it here.
+      if (detail.state === "listening") this.#closeTranscript("assistant");
+    }
     if (type === "flush") this.#dropAgentAudio();
     if (type === "duck") this.#muteAgent(DUCK_MUTE_MAX_MS);
     if (type === "unduck") this.#unmuteAgent();
@@ -309,6 +326,14 @@ export class VoiceAgent extends EventTarget {
       return;
     }
     this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  /** End the role's open utterance with a final transcript of its text so far. */
+  #closeTranscript(role) {
+    if (!this.#partials.has(role)) return;
+    const text = this.#partials.get(role);
+    this.#partials.delete(role);
+    this.dispatchEvent(new CustomEvent("transcript", { detail: { role, text, final: true } }));
   }
 
   #send(raw) {
@@ -362,8 +387,9 @@ export class VoiceAgent extends EventTarget {
     if (this.#session !== session || err instanceof Superseded) return;
     const message = describeError(err);
     this.#teardown(session);
-    this.#emitError(message);
+    // Status first: a listener may connect() again on the error, and its "connecting" must last.
     this.#setStatus("failed");
+    this.#emitError(message);
     session.ready.reject(new Error(message));
   }
 
@@ -381,6 +407,7 @@ export class VoiceAgent extends EventTarget {
     this.#audio.srcObject = null;
     this.#remoteStream = null;
     this.#state = null;
+    for (const role of [...this.#partials.keys()]) this.#closeTranscript(role);
   }
 
   #setStatus(status) {
