@@ -202,6 +202,7 @@ class _ActiveReply:
     early_fetch: asyncio.Task[None] | None = None  # an early reply's own reader, if adopted
     task: asyncio.Task[None] | None = None
     text: str = ""
+    text_final: bool = False  # its final transcript was sent
     audio_start: int | None = None  # output.played_samples when its first audio was queued
     resampler: StreamResampler | None = None
     first_sent: asyncio.Future[float] | None = None  # when its first audio frame left
@@ -513,6 +514,8 @@ class TurnManager:
             self._log.exception("reply failed")
             metrics.ENGINE_ERRORS_TOTAL.inc()
             metrics.record_reply_failure(exc)
+            if active.text and not active.text_final:  # the answer ends with what it said
+                self._send(encode("transcript", role="assistant", text=active.text, final=True))
             self._send(encode("error", message=_error_text(exc)))
             self._finish(active, played_s=self._played_s(active), failed=True)
             return
@@ -528,6 +531,7 @@ class TurnManager:
             elif isinstance(event, AudioChunk):
                 await self._play(active, event)
         self._send(encode("transcript", role="assistant", text=active.text, final=True))
+        active.text_final = True
 
     async def _play(self, active: _ActiveReply, chunk: AudioChunk) -> None:
         if active.resampler is None or active.resampler.in_rate != chunk.sample_rate:

@@ -112,3 +112,19 @@ async def test_an_interrupt_when_no_answer_was_in_flight_stops_none_begun_later(
     await h.turns.interrupt(silenced)
     assert not h.engine.replies[0].cancelled
     await h.close()
+
+
+async def test_an_answer_that_fails_midway_ends_its_transcript_with_what_it_said() -> None:
+    h = Harness(Script(fail_after_chunks=2, audio_s=1.0, text="one two three"))
+    await h.turns.on_user_text("count")
+    await h.wait_state("speaking")
+    await h.wait_state("listening")
+    assistant = [m for m in h.of_type("transcript") if m["role"] == "assistant"]
+    assert assistant[-1] == {
+        "type": "transcript",
+        "role": "assistant",
+        "text": "one two three",
+        "final": True,
+    }
+    assert sum(m["final"] for m in assistant) == 1
+    await h.close()
