@@ -17,12 +17,15 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -35,12 +38,55 @@ from signaling.logs import LOG_FORMATS, configure_logging
 log = logging.getLogger("run_agent")
 
 DEFAULT_MODEL_DIR = Path("checkpoints")
+ICE_URL_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+SECRET_ENV = {
+    "auth_token": "VOICE_AGENT_AUTH_TOKEN",
+    "token_secret": "VOICE_AGENT_TOKEN_SECRET",
+    "metrics_token": "VOICE_AGENT_METRICS_TOKEN",
+}
+GLM_ONLY = ("device", "quantization", "temperature", "top_p")  # None unless given
+
+
+def _number(
+    kind: Callable[[str], Any],
+    low: float,
+    high: float = math.inf,
+    *,
+    above: bool = False,
+    what: str,
+) -> Callable[[str], Any]:
+    """An argparse `type` for a finite number in [low, high] (or (low, high] with `above`)."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)  # ValueError: argparse says "invalid int/float value"
+        if not math.isfinite(value) or value < low or value > high or (above and value == low):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
+
+
+PORT = _number(int, 1, 65535, what="a port number from 1 to 65535")
+COUNT = _number(int, 0, what="an integer >= 0")
+POSITIVE_COUNT = _number(int, 1, what="an integer >= 1")
+NON_NEGATIVE = _number(float, 0, what="a number >= 0")
+POSITIVE = _number(float, 0, above=True, what="a number > 0")
+PROBABILITY = _number(float, 0, 1, above=True, what="a number above 0 and at most 1")
+
+
+def _ice_url(text: str) -> str:
+    if not text.startswith(ICE_URL_SCHEMES):
+        raise argparse.ArgumentTypeError(
+            f"not a STUN/TURN URL (one of {', '.join(ICE_URL_SCHEMES)}...): {text!r}"
+        )
+    return text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=PORT, default=8080)
     p.add_argument(
         "--engine",
         choices=("auto", "offline", "glm4voice"),
@@ -71,17 +117,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--temperature",
-        type=float,
+        type=NON_NEGATIVE,
         metavar="T",
         help="GLM-4-Voice sampling temperature (default 0.2, as its demo; 0: greedy)",
     )
     p.add_argument(
-        "--top-p", type=float, metavar="P", help="GLM-4-Voice nucleus sampling (default 0.8)"
+        "--top-p", type=PROBABILITY, metavar="P", help="GLM-4-Voice nucleus sampling (default 0.8)"
     )
     p.add_argument(
         "--ice-server",
         action="append",
         default=[],
+        type=_ice_url,
         metavar="URL",
         help="STUN/TURN URL (repeatable), e.g. turn:turn.example.org:3478",
     )
@@ -112,32 +159,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.cert_file is None) != (args.key_file is None):
         p.error("--cert-file and --key-file go together")
+    for flag, path in (("--cert-file", args.cert_file), ("--key-file", args.key_file)):
+        if path is not None and not path.is_file():
+            p.error(f"{flag} {path}: no such file")
+    for dest, env_name in SECRET_ENV.items():
+        value = getattr(args, dest)
+        if value is not None and not value.strip():
+            flag = "--" + dest.replace("_", "-")
+            p.error(f"{flag} (or {env_name}) is empty: give it a value or leave it unset")
     if args.token_secret is not None and len(args.token_secret.encode()) < 16:
-        p.error("--token-secret must be at least 16 bytes")
+        p.error("--token-secret (or VOICE_AGENT_TOKEN_SECRET) must be at least 16 bytes")
+    if args.engine == "offline" and glm_only_options(args):
+        p.error(f"{', '.join(glm_only_options(args))}: only for GLM-4-Voice, not --engine offline")
     return args
+
+
+def glm_only_options(args: argparse.Namespace) -> list[str]:
+    """The GLM-4-Voice options given on the command line (the offline engine takes none)."""
+    given = [f"--{n.replace('_', '-')}" for n in GLM_ONLY if getattr(args, n, None) is not None]
+    if getattr(args, "decode_step", "auto") != "auto":
+        given.append("--decode-step")
+    if getattr(args, "reply_language", "any") != "any":
+        given.append("--reply-language")
+    return given
 
 
 def _add_limit_args(p: argparse.ArgumentParser) -> None:
     d = ServerConfig
-    p.add_argument("--max-sessions", type=int, default=d.max_sessions, help="concurrent calls")
+    p.add_argument("--max-sessions", type=COUNT, default=d.max_sessions, help="concurrent calls")
     p.add_argument(
         "--busy-retry-after",
-        type=float,
+        type=NON_NEGATIVE,
         default=d.busy_retry_after_s,
         metavar="S",
         help="Retry-After sent with 503 at the session limit",
     )
     p.add_argument(
-        "--max-body-kb", type=int, default=d.max_body_bytes // 1024, help="largest request body"
+        "--max-body-kb",
+        type=POSITIVE_COUNT,
+        default=d.max_body_bytes // 1024,
+        help="largest request body",
     )
     p.add_argument(
         "--offer-rate",
-        type=float,
+        type=POSITIVE,
         default=d.offer_rate_per_minute,
         metavar="N",
         help="offers a minute per client address (429 beyond)",
     )
-    p.add_argument("--offer-burst", type=int, default=d.offer_burst, help="offers at once")
+    p.add_argument(
+        "--offer-burst", type=POSITIVE_COUNT, default=d.offer_burst, help="offers at once"
+    )
     p.add_argument(
         "--trust-forwarded-for",
         action="store_true",
@@ -145,21 +217,21 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--idle-timeout",
-        type=float,
+        type=NON_NEGATIVE,
         default=d.idle_timeout_s,
         metavar="S",
         help="end a call with no inbound audio or messages for S seconds (0: never)",
     )
     p.add_argument(
         "--max-call-minutes",
-        type=float,
+        type=NON_NEGATIVE,
         default=d.max_duration_s / 60,
         metavar="M",
         help="end every call after M minutes (0: never)",
     )
     p.add_argument(
         "--connect-timeout",
-        type=float,
+        type=NON_NEGATIVE,
         default=d.connect_timeout_s,
         metavar="S",
         help=argparse.SUPPRESS,
@@ -330,7 +402,13 @@ def ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     if args.cert_file is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(args.cert_file, args.key_file)
+    try:
+        context.load_cert_chain(args.cert_file, args.key_file)
+    except OSError as exc:  # ssl.SSLError too: not PEM, or a key that does not match
+        raise SystemExit(
+            f"cannot serve HTTPS with --cert-file {args.cert_file} and --key-file "
+            f"{args.key_file}: {exc}"
+        ) from exc
     return context
 
 
@@ -350,19 +428,26 @@ async def start_engine(engine: Engine) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     """Start the engine and the server; return after SIGINT/SIGTERM and a clean shutdown."""
+    config = server_config(args)  # mistakes here end the program before the engine loads
+    tls = ssl_context(args)
     name, reason = choose_engine(args.engine, args.model_dir)
     log.info("engine: %s (%s)", name, reason)
+    if name == "offline" and glm_only_options(args):
+        log.warning("ignoring %s: the offline engine runs", ", ".join(glm_only_options(args)))
     engine = make_engine(name, args.model_dir, GLMChoices.from_args(args))
     await start_engine(engine)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(create_app(engine, server_config(args)), access_log=None)
+    runner = web.AppRunner(create_app(engine, config), access_log=None)
     try:
         await runner.setup()
-        tls = ssl_context(args)
-        await web.TCPSite(runner, args.host, args.port, ssl_context=tls).start()
+        try:
+            await web.TCPSite(runner, args.host, args.port, ssl_context=tls).start()
+        except OSError as exc:  # the port is taken, the address is not this host's, ...
+            reason = exc.strerror or str(exc)
+            raise SystemExit(f"cannot listen on {args.host}:{args.port}: {reason}") from exc
         scheme = "https" if tls else "http"
         log.info("serving on %s://%s:%d", scheme, args.host, args.port)
         await stop.wait()

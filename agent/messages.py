@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from agent import metrics
 from agent.protocol import ClientMessage, ProtocolError, decode_client, encode
 
 MAX_PENDING_MESSAGES = 256
@@ -67,6 +68,7 @@ class EventChannel:
             message = _decode(raw)
         except ProtocolError as exc:
             self._log.info("rejected client message: %s", exc)
+            metrics.ERRORS_TOTAL.labels(kind="protocol").inc()
             self.send(encode("error", message=str(exc)))
             return
         self._on_message(message)

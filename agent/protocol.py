@@ -70,6 +70,12 @@ def decode_client(raw: str | bytes) -> ClientMessage:
         raise ProtocolError("message is not valid JSON") from exc
     if not isinstance(obj, dict):
         raise ProtocolError("message must be a JSON object")
+    try:  # a \ud800-\udfff escape alone: not text, and nothing quoting it could be sent back
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(
+            "message holds an unpaired surrogate escape (not Unicode text)"
+        ) from exc
     type_ = obj.get("type")
     if not isinstance(type_, str):
         raise ProtocolError("message needs a string 'type' field")

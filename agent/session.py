@@ -41,7 +41,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from agent import metrics
 from agent.engine import USER_SAMPLE_RATE, Engine, TurnListener
 from agent.messages import DataChannel, EventChannel
-from agent.protocol import ClientMessage
+from agent.protocol import ClientMessage, encode
 from agent.tasks import cancel_and_wait
 from agent.tracks import AUDIO_PTIME, OUTPUT_SAMPLE_RATE, AgentAudioTrack
 from agent.turns import TurnConfig, TurnManager
@@ -314,6 +314,9 @@ class Session:
             self._inbox.put_nowait((message, silenced))
         except asyncio.QueueFull:
             self.log.warning("dropping a %s message: too many pending", message.type)
+            if message.type != "interrupt":  # an interrupt silenced the answer already
+                note = f"too many messages at once: a '{message.type}' message was dropped"
+                self.events.send(encode("error", message=note))
 
     async def _control_loop(self) -> None:
         while True:
