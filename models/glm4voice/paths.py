@@ -45,10 +45,13 @@ class ModelPaths:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> ModelPaths:
+        """The three folders under `model_dir`; a Hugging Face hub cache (`model_dir` holding
+        `models--THUDM--glm-4-voice-9b/snapshots/...`, as `huggingface-cli download` without
+        `--local-dir` leaves it) is also understood, for each folder that is absent."""
         root = Path(model_dir).expanduser()
         if not root.is_dir():
             raise ModelFilesError(f"model directory not found: {root}")
-        return cls(root / TOKENIZER_FOLDER, root / LM_FOLDER, root / DECODER_FOLDER)
+        return cls(*(_repo_folder(root, name) for name in HUB_IDS))
 
     def missing_files(self) -> list[str]:
         """Every required file that is absent (LM shards are checked from the index)."""
@@ -75,6 +78,27 @@ class ModelPaths:
         missing = self.missing_files()
         if missing:
             raise ModelFilesError("GLM-4-Voice files missing:\n  " + "\n  ".join(missing))
+
+
+HUB_OWNERS = ("THUDM", "zai-org")  # the repositories moved from THUDM to zai-org
+
+
+def _repo_folder(root: Path, name: str) -> Path:
+    """`root/name`, or where the hub cache under `root` (or `root/hub`) keeps that repository:
+    the snapshot `refs/main` names, else the only snapshot. `root/name` when neither exists."""
+    plain = root / name
+    if plain.is_dir():
+        return plain
+    for cache in (root, root / "hub"):
+        for owner in HUB_OWNERS:
+            repo = cache / f"models--{owner}--{name}"
+            ref = repo / "refs" / "main"
+            if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
+                return repo / "snapshots" / ref.read_text().strip()
+            snapshots = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir())
+            if len(snapshots) == 1:
+                return snapshots[0]
+    return plain
 
 
 def _index_shards(index: Path) -> list[str]:

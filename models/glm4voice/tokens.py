@@ -23,6 +23,7 @@ from typing import Literal, Protocol
 import torch
 
 from models.lm import sample_next
+from models.lm.sampling import check_sampled
 
 ReplyLanguage = Literal["any", "english"]
 REPLY_LANGUAGES: tuple[ReplyLanguage, ...] = ("any", "english")
@@ -129,6 +130,14 @@ def writes_cjk(piece: bytes) -> bool:
     return False
 
 
+def pattern_forces_text(constraints: TokenConstraints) -> bool:
+    """Whether some position must be a text id with no turn end allowed ("text_only")."""
+    pattern = constraints.pattern
+    if pattern is None or pattern.stop_after is None:
+        return False
+    return pattern.text_tokens > 0 and pattern.stop_after > 0  # position 0 is text_only
+
+
 class TokenMasks:
     """Boolean masks [6, V] of allowed ids per `Phase`, on one device."""
 
@@ -163,6 +172,11 @@ class TokenMasks:
             allowed = torch.zeros(rows, dtype=torch.bool)
             allowed[[i for i in constraints.allowed_text_ids if 0 <= i < rows]] = True
             text &= allowed
+        if pattern_forces_text(constraints) and not bool(text.any()):
+            raise ValueError(
+                "the constraints allow no text id, but the pattern requires text ids "
+                "(allowed_text_ids names none of the tokenizer's text ids)"
+            )
         any_id = text | audio | special | stop
         table = torch.stack([any_id, text | stop, audio | stop, stop, text, audio])  # (6, V)
         return cls(table.to(device))
@@ -193,15 +207,26 @@ def sample_nucleus(
     169k logits per row per step costs about 20 ms on a CPU core, the top-k below well under 1.
     """
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        return check_sampled(logits, logits.argmax(dim=-1))  # NaN or nothing allowed: raise
+    # A row with NaN logits or none allowed is reported after sampling, at the one host sync
+    # below; meanwhile it samples a harmless stand-in, since a NaN reaching multinomial on a
+    # GPU is a device-side assert that ends the process.
+    best = logits.gather(-1, logits.argmax(dim=-1, keepdim=True)).squeeze(-1)
+    bad = best.isnan() | (best == float("-inf"))  # (B,)
     probs = (logits.float() / temperature).softmax(dim=-1)  # (B, V)
     top_probs, top_ids = probs.topk(min(candidates, probs.shape[-1]), dim=-1)  # descending
     before = top_probs.cumsum(dim=-1) - top_probs  # mass of the more likely candidates
     kept = torch.where(before < top_p, top_probs, torch.zeros_like(top_probs))
+    stand_in = torch.zeros_like(kept)
+    stand_in[:, 0] = 1.0
+    kept = torch.where(bad[:, None], stand_in, kept)
     choice = torch.multinomial(kept, num_samples=1, generator=generator)  # (B, 1)
     ids = top_ids.gather(-1, choice).squeeze(-1)
-    wide = top_probs.sum(dim=-1) < top_p  # the nucleus may reach beyond the candidates
-    if bool(wide.any()):
+    wide = (top_probs.sum(dim=-1) < top_p) & ~bad  # the nucleus may reach beyond the candidates
+    any_bad, any_wide = torch.stack([bad.any(), wide.any()]).tolist()
+    if any_bad:
+        check_sampled(logits, logits.argmax(dim=-1))  # raises, naming the rows
+    if any_wide:
         rows = wide.nonzero().squeeze(-1)
         ids[rows] = sample_next(logits[rows], temperature, top_p, generator)
     return ids

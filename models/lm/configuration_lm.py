@@ -121,8 +121,13 @@ class ChatGLMConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ChatGLM config not found: {path}")
-        with path.open(encoding="utf-8") as f:
-            raw = json.load(f)
+        try:
+            with path.open(encoding="utf-8") as f:
+                raw = json.load(f)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(raw, source=str(path))
 
     def _check_sizes(self, source: str) -> None:

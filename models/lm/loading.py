@@ -28,6 +28,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from safetensors import safe_open
@@ -103,27 +104,44 @@ def expected_shapes(config: ChatGLMConfig) -> dict[str, tuple[int, ...]]:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor names, dtypes and shapes of a safetensors file, read from its JSON header only."""
+    """Tensor names, dtypes and shapes of a safetensors file, read from its JSON header only.
+
+    The file size is checked against the data the header describes, so that a truncated
+    download is reported here rather than after other shards have been loaded.
+    """
     try:
+        size = path.stat().st_size
         with path.open("rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"header length {header_len} exceeds the file")
             header = json.loads(f.read(header_len))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        header.pop("__metadata__", None)
+        infos = {
+            name: TensorInfo(path, entry["dtype"], tuple(entry["shape"]))
+            for name, entry in header.items()
+        }
+        data_end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-    header.pop("__metadata__", None)
-    return {
-        name: TensorInfo(path, entry["dtype"], tuple(entry["shape"]))
-        for name, entry in header.items()
-    }
+    if size != 8 + header_len + data_end:
+        raise CheckpointError(
+            f"{path}: file has {size} bytes but its header describes {8 + header_len + data_end} "
+            "(truncated or corrupt; download it again)"
+        )
+    return infos
 
 
 def _weight_map(model_dir: Path) -> dict[str, Path]:
     """Key -> shard file, from the index (or every key of a single `model.safetensors`)."""
     index_path = model_dir / INDEX_FILE
     if index_path.is_file():
-        with index_path.open(encoding="utf-8") as f:
-            index = json.load(f)
-        if "weight_map" not in index:
+        try:
+            with index_path.open(encoding="utf-8") as f:
+                index = json.load(f)
+        except ValueError as exc:
+            raise CheckpointError(f"{index_path}: not valid JSON ({exc})") from exc
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
             raise CheckpointError(f"{index_path}: no 'weight_map'")
         return {key: model_dir / name for key, name in index["weight_map"].items()}
     single = model_dir / SINGLE_FILE
@@ -264,9 +282,21 @@ def build_empty_model(config: ChatGLMConfig, quantization: str | None = None) ->
     return model
 
 
+def _import_bitsandbytes() -> ModuleType:
+    """bitsandbytes, or an ImportError that says what needs it and how to get it."""
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise ImportError(
+            "quantization='int4' needs the bitsandbytes package (pip install bitsandbytes); "
+            f"it could not be imported: {exc}"
+        ) from exc
+    return bitsandbytes
+
+
 def _swap_linear_for_4bit(model: GlmForCausalLM) -> None:
     """Replace every Linear inside the decoder blocks by a meta `Linear4bit` (NF4, double quant)."""
-    import bitsandbytes as bnb
+    bnb = _import_bitsandbytes()
 
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
@@ -295,7 +325,7 @@ def assign_parameter(
     module = model.get_submodule(module_path)
     value = tensor.to(device=device, dtype=dtype, copy=True).contiguous()
     if leaf == "weight" and _is_linear4bit(module):
-        import bitsandbytes as bnb
+        bnb = _import_bitsandbytes()
 
         param: nn.Parameter = bnb.nn.Params4bit(
             value, requires_grad=False, compress_statistics=True, quant_type="nf4", module=module
@@ -326,6 +356,8 @@ def load_lm(
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     device = torch.device(device)
+    if quantization == "int4":
+        _import_bitsandbytes()  # before any file is read
     config, tensors = scan_checkpoint(Path(model_dir))
     model = build_empty_model(config, quantization)
     for name, tensor in iter_converted(Path(model_dir), config, tensors):

@@ -10,6 +10,7 @@ a decode loop needs, so a remote model server can stand in for the local model.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -30,8 +31,8 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # also rejects NaN
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
@@ -62,17 +63,39 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def check_sampled(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`ids` [B] if each row's chosen logit is a real candidate, else a ValueError.
+
+    With `ids` the argmax: a NaN anywhere in a row is what argmax picks (and makes softmax all
+    NaN); a row masked to -inf everywhere leaves nothing to pick. Either way the id would be
+    meaningless.
+    """
+    chosen = logits.gather(-1, ids[:, None]).squeeze(-1)
+    bad = chosen.isnan() | (chosen == float("-inf"))
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(
+            f"logits row(s) {rows} have NaN values or no allowed token (all -inf): "
+            "nothing can be sampled"
+        )
+    return ids
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float,
     top_p: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token ids [B] (int64) from logits [B, V]; temperature 0 means greedy (argmax)."""
+    """Next token ids [B] (int64) from logits [B, V]; temperature 0 means greedy (argmax).
+
+    Raises ValueError for a row with NaN logits or without any allowed (finite) logit.
+    """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+    greedy = check_sampled(logits, logits.argmax(dim=-1))
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        return greedy
     scores = top_p_filter(logits.float() / temperature, top_p)
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -98,8 +98,13 @@ def read_bpe_ranks(path: Path) -> dict[bytes, int]:
 
 def read_added_tokens(path: Path, ranks: dict[bytes, int]) -> dict[str, int]:
     """Added tokens (content -> id) from `tokenizer_config.json`, plus GLM-4's own specials."""
-    with Path(path).open(encoding="utf-8") as f:
-        config = json.load(f)
+    try:
+        with Path(path).open(encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as exc:
+        raise TokenizerError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{path}: expected a JSON object")
     added: dict[str, int] = {}
     for key, entry in config.get("added_tokens_decoder", {}).items():
         content = entry["content"] if isinstance(entry, dict) else str(entry)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .configuration_speech_tokenizer import SpeechTokenizerConfig
@@ -323,7 +323,11 @@ def load_checked_state_dict(model: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"speech tokenizer file missing: {path}")
     expected = model.state_dict()
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    with handle as f:
         keys = set(f.keys())
         missing = sorted(set(expected) - keys)
         unexpected = sorted(keys - set(expected))

@@ -34,7 +34,7 @@ import torch
 
 from .feature_extractor import padded_length
 from .modeling_speech_tokenizer import EncoderCache
-from .tokenizer import SEGMENT_BATCH_SIZE, SpeechTokenizer
+from .tokenizer import SEGMENT_BATCH_SIZE, SpeechTokenizer, as_float_audio
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class StreamingSpeechTokenizer:
         They are final unless a louder frame arrives later in the same 30 s segment, in which
         case `tokens` and `finish()` hold the revised ids (see the module docstring).
         """
-        audio = np.asarray(audio_16k, dtype=np.float32)
+        audio = as_float_audio(audio_16k)  # checked before anything is appended
         if audio.ndim != 1:
             raise ValueError(f"expected 1-D 16 kHz audio, got shape {audio.shape}")
         with torch.inference_mode():

@@ -32,6 +32,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SEGMENT_BATCH_SIZE = 128  # segments per forward, as in the reference
+# More "channels" than this (and than samples) means a (samples, channels) array was passed.
+MAX_CHANNELS = 8
+
+
+def as_float_audio(audio: np.ndarray) -> np.ndarray:
+    """`audio` as float32 samples in [-1, 1]: signed integer PCM is scaled by its full range
+    (int16 / 32768, as `torchaudio.load` reads it); NaN or infinite samples are rejected."""
+    audio = np.asarray(audio)
+    if np.issubdtype(audio.dtype, np.signedinteger):
+        scale = float(np.iinfo(audio.dtype).max) + 1.0
+        return (audio.astype(np.float64) / scale).astype(np.float32)
+    if not np.issubdtype(audio.dtype, np.floating):
+        raise ValueError(f"audio must be float or signed integer PCM, got dtype {audio.dtype}")
+    audio = audio.astype(np.float32, copy=False)
+    if not np.isfinite(audio).all():
+        raise ValueError("audio contains NaN or infinite samples")
+    return audio
 
 
 def split_segments(audio: np.ndarray, segment_samples: int) -> list[np.ndarray]:
@@ -110,14 +127,24 @@ class SpeechTokenizer:
     def prepare_audio(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         """1-D float32 at 16 kHz from (samples,) or (channels, samples) audio at `sample_rate`.
 
-        Only the first channel is used (no down-mix), as in the reference.
+        Only the first channel is used (no down-mix), as in the reference. Integer PCM is
+        scaled to [-1, 1]; NaN samples, (samples, channels) arrays and non-integer rates raise.
         """
-        audio = np.asarray(audio, dtype=np.float32)
+        audio = as_float_audio(audio)
         if audio.ndim == 2:
-            audio = audio[0]
+            if audio.shape[0] > max(audio.shape[1], MAX_CHANNELS):
+                raise ValueError(
+                    f"audio of shape {audio.shape} looks like (samples, channels); "
+                    "pass (channels, samples), e.g. audio.T"
+                )
+            audio = audio[0] if audio.shape[0] else audio.reshape(-1)
         if audio.ndim != 1:
             raise ValueError(f"audio must be (samples,) or (channels, samples), got {audio.shape}")
-        return resample(audio, sample_rate, self.sampling_rate)
+        if isinstance(sample_rate, float) and sample_rate.is_integer():
+            sample_rate = int(sample_rate)
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)):
+            raise ValueError(f"sample rate must be a whole number of Hz, got {sample_rate!r}")
+        return resample(audio, int(sample_rate), self.sampling_rate)
 
     @torch.inference_mode()
     def tokenize_segments(
@@ -163,4 +190,4 @@ class SpeechTokenizer:
         return StreamingSpeechTokenizer(self)
 
 
-__all__ = ["SEGMENT_BATCH_SIZE", "SpeechTokenizer", "split_segments"]
+__all__ = ["SEGMENT_BATCH_SIZE", "SpeechTokenizer", "as_float_audio", "split_segments"]
