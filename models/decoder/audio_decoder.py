@@ -228,12 +228,30 @@ class AudioDecoder:
 
     def decode_block(self, stream: DecoderStream, token: Tensor, finalize: bool) -> Tensor:
         """The reference callers' step: `token2wav` with the stream's own prompt (all previous
-        tokens and returned mels), then append the block to that prompt. Returns speech [1, S]."""
+        tokens and returned mels), then append the block to that prompt. Returns speech [1, S].
+
+        A block without tokens (the reference never makes one) decodes nothing new: it returns
+        no speech, or when finalizing the frames and samples held back so far (`flush`)."""
+        if token.shape[1] == 0:
+            return self.flush(stream) if finalize else torch.zeros(1, 0, device=self.device)
         speech, mel = self.token2wav(
             token, stream, stream.prompt_token, stream.prompt_feat(), finalize=finalize
         )
         stream.mels.append(mel)
         stream.prompt_token = torch.cat([stream.prompt_token, token.cpu().long()], dim=1)
+        return speech
+
+    def flush(self, stream: DecoderStream) -> Tensor:
+        """End the stream with no tokens left: vocode the 34 held-back frames after the
+        cached frame (re-rendering the 256 held-back samples) and clear the caches. Running
+        the flow on zero new tokens instead would regenerate frames that do not line up with
+        the held-back ones (the prompt holds a duplicated frame per block). Speech [1, S]."""
+        if stream.mel_overlap is None:
+            stream.clear_caches()
+            return torch.zeros(1, 0, device=self.device)
+        mel, stream.mel_overlap = stream.mel_overlap, None
+        generator = torch.Generator().manual_seed(FLOW_SEED)
+        speech, _ = self.vocode_block(mel, stream, finalize=True, generator=generator)
         return speech
 
     # ----- whole utterances ---------------------------------------------------------------

@@ -281,7 +281,7 @@ class StreamingDecoder:
         """Add audio token ids; decode every complete block. Returns speech chunks [1, S]."""
         if stream.finished:
             raise RuntimeError("stream already finished")
-        stream.pending.extend(int(t) for t in tokens)
+        stream.pending.extend(self._token_ids(tokens))
         chunks = []
         while len(stream.pending) >= self.config.block_tokens:
             block = stream.pending[: self.config.block_tokens]
@@ -308,7 +308,14 @@ class StreamingDecoder:
         streams = [stream for stream, _, _ in requests]
         if len({id(stream) for stream in streams}) != len(streams):
             raise ValueError("decode_many takes each stream at most once")
-        units = [self._units_of(stream, ids, final) for stream, ids, final in requests]
+        # Check every request before any stream takes its tokens: a bad one leaves all as were.
+        checked = [self._token_ids(ids) for _, ids, _ in requests]
+        if any(stream.finished for stream in streams):
+            raise RuntimeError("stream already finished")
+        units = [
+            self._units_of(stream, ids, final)
+            for (stream, _, final), ids in zip(requests, checked, strict=True)
+        ]
         outputs: list[list[Tensor]] = [[] for _ in requests]
         for wave in range(max((len(u) for u in units), default=0)):
             owners = [i for i, unit_list in enumerate(units) if wave < len(unit_list)]
@@ -317,6 +324,16 @@ class StreamingDecoder:
                 outputs[owner].append(chunk)
         empty = torch.zeros(1, 0, device=self._device)
         return [torch.cat(chunks, dim=-1) if chunks else empty for chunks in outputs]
+
+    def _token_ids(self, tokens: Iterable[int]) -> list[int]:
+        """The ids as ints; ValueError if one is outside [0, vocab_size) (which would fail
+        deep inside the embedding, or on CUDA poison the context with a device assert)."""
+        ids = [int(t) for t in tokens]
+        vocab = self.flow.cfg.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"audio token id {bad} is outside [0, {vocab})")
+        return ids
 
     def _units_of(self, stream: FastStream, ids: Sequence[int], final: bool) -> list[_Unit]:
         """Take the complete blocks (and, when final, the rest) out of the stream's pending."""

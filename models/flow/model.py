@@ -131,8 +131,12 @@ class FlowDecoder(nn.Module):
 
     # ----------------------------------------------------------------- pieces
     def speaker_projection(self, embedding: Tensor) -> Tensor:
-        """(B, 192) x-vector -> (B, 80): L2-normalise (zeros stay zeros), then the affine layer."""
-        return self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        """(B, 192) x-vector -> (B, 80): L2-normalise (zeros stay zeros), then the affine layer.
+
+        The norm is taken in float32: in float16 `normalize`'s eps (1e-12) rounds to 0 and a
+        zero x-vector (GLM-4-Voice's) would become 0/0 = NaN."""
+        unit = F.normalize(embedding.float(), dim=1).to(embedding.dtype)
+        return self.spk_embed_affine_layer(unit)
 
     def embed_tokens(self, token: Tensor, token_len: Tensor) -> Tensor:
         """(B, T) ids -> (B, T, input_size) embeddings, zeroed past each length; ids < 0 -> 0."""
@@ -268,3 +272,18 @@ class FlowDecoder(nn.Module):
             )
         if token.shape[1] + prompt_token.shape[1] == 0:
             raise ValueError("no tokens to decode")
+        for name, ids in (("token", token), ("prompt_token", prompt_token)):
+            self.check_token_ids(ids, name)
+
+    def check_token_ids(self, ids: Tensor, name: str = "token") -> None:
+        """Raise ValueError unless every id is in [0, vocab_size) (reads `ids` on the host).
+
+        Out-of-range ids would otherwise fail deep inside the embedding (on CUDA: a device
+        assert that poisons the whole context), and negative ones would be silently clamped."""
+        if ids.numel() == 0:
+            return
+        low, high = int(ids.min()), int(ids.max())
+        vocab = self.cfg.vocab_size
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} holds audio token id {bad}, outside [0, {vocab})")
