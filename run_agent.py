@@ -435,7 +435,11 @@ async def serve(args: argparse.Namespace) -> None:
     if name == "offline" and glm_only_options(args):
         log.warning("ignoring %s: the offline engine runs", ", ".join(glm_only_options(args)))
     engine = make_engine(name, args.model_dir, GLMChoices.from_args(args))
-    await start_engine(engine)
+    try:
+        await start_engine(engine)
+    except asyncio.CancelledError:  # Ctrl-C: the load is abandoned, the program exits now
+        log.info("stopped while the %s engine was loading", name)
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

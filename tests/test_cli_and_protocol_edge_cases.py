@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,7 @@ from agent import metrics
 from agent.messages import EventChannel
 from agent.protocol import ProtocolError, decode_client
 from agent.session import Session, SessionConfig
+from agent.tasks import in_daemon_thread
 from tests.fakes import FakeChannel, FakeEngine, Script, wait_until
 
 # --- command line ------------------------------------------------------------------------------
@@ -251,3 +257,63 @@ def test_rejected_client_messages_are_counted_as_protocol_errors() -> None:
         events.receive(raw)
     events.receive('{"type": "interrupt"}')
     assert counter._value.get() == before + 4
+
+
+async def test_in_daemon_thread_returns_the_result_and_raises_the_error() -> None:
+    assert await in_daemon_thread(lambda: 6 * 7, "answer") == 42
+
+    def fail() -> None:
+        raise ValueError("bad weights")
+
+    with pytest.raises(ValueError, match="bad weights"):
+        await in_daemon_thread(fail, "fail")
+
+
+async def test_cancelling_in_daemon_thread_returns_at_once_and_leaves_a_daemon() -> None:
+    release = threading.Event()
+    task = asyncio.create_task(in_daemon_thread(release.wait, "slow-load"))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 1.0)
+    (thread,) = [t for t in threading.enumerate() if t.name == "slow-load"]
+    assert thread.daemon
+    release.set()
+    thread.join(2.0)
+
+
+SLOW_LOAD = """
+import sys, time
+import run_agent
+from models.glm4voice.engine import GLM4VoiceEngine
+
+run_agent.make_engine = lambda name, model_dir, glm: GLM4VoiceEngine(lambda: time.sleep(120))
+sys.exit(run_agent.main(["--engine", "offline", "--port", "1"]))
+"""
+
+
+def test_ctrl_c_while_the_model_loads_exits_without_waiting_for_the_load() -> None:
+    root = Path(run_agent.__file__).resolve().parent
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_LOAD],
+        cwd=root,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:  # until the engine starts loading
+            lines.append(line)
+            if "engine: offline" in line:
+                break
+        time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "stopped while the offline engine was loading" in rest
+    assert elapsed < 30, f"exit took {elapsed:.1f} s: it waited for the 120 s load"

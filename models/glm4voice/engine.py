@@ -37,6 +37,7 @@ from agent.engine import (
     UserTurn,
     played_fraction,
 )
+from agent.tasks import in_daemon_thread
 from models.glm4voice.paths import ModelPaths
 from models.glm4voice.worker import (
     AUDIO_TOKEN_S,
@@ -275,7 +276,8 @@ class GLM4VoiceEngine(Engine):
     async def start(self) -> None:
         if self.worker is not None:
             return
-        self.brain = await asyncio.to_thread(self._brain_factory)
+        # Own daemon threads: Ctrl-C during a load or warm-up of minutes exits at once.
+        self.brain = await in_daemon_thread(self._brain_factory, "glm4voice-load")
         options = self.options
         hold = BlockHold(options.decoder_hold_s, options.decoder_hold_rounds)
         worker = ModelWorker(
@@ -287,7 +289,7 @@ class GLM4VoiceEngine(Engine):
         )
         self.worker = worker
         worker.start()
-        await asyncio.to_thread(worker.ready.wait)
+        await in_daemon_thread(worker.ready.wait, "glm4voice-warm-up-wait")
 
     @property
     def warm_up_report(self) -> WarmUpReport | None:
