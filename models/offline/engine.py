@@ -97,6 +97,7 @@ class OfflineReply(Reply):
         try:
             self._raise_if_stopped()
             transcript = await self._transcribe()
+            self._raise_if_stopped()  # cancelled while the recognizer ran
             yield UserTranscript(transcript)
             sentences = self._plan(transcript)
             async for event in self._speak(sentences):
@@ -133,7 +134,9 @@ class OfflineReply(Reply):
         try:
             for index, sentence in enumerate(sentences):
                 assert pending is not None
-                audio = await pending
+                current, pending = pending, None  # its outcome reaches the caller from here
+                audio = await current
+                self._raise_if_stopped()  # cancelled while it was synthesized
                 self._time_synthesis(index, audio.synthesis_s)
                 following = sentences[index + 1] if index + 1 < len(sentences) else None
                 pending = self._synthesize(following) if following is not None else None
@@ -176,11 +179,12 @@ class OfflineReply(Reply):
         except (RecognitionCancelled, SynthesisCancelled) as exc:
             raise _Cancelled from exc
         except asyncio.CancelledError:
-            if job.cancelled():
+            if job.cancelled() and not _task_cancelling():  # `cancel()` or `close()` dropped it
                 raise _Cancelled from None
             raise
         finally:
-            self._jobs.discard(job)
+            if job.done():  # else `cancel()` still waits for it to leave the worker
+                self._jobs.discard(job)
 
     def _guarded(self, fn: Callable[..., T]) -> Callable[..., T]:
         def guarded(*args: Any) -> T:
@@ -231,6 +235,12 @@ def _chunks(samples: np.ndarray, sample_rate: int, chunk_s: float) -> list[np.nd
     """`samples` in pieces of `chunk_s` seconds (the last may be shorter)."""
     size = max(1, int(chunk_s * sample_rate))
     return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+
+def _task_cancelling() -> bool:
+    """True if the running task itself is being cancelled (not just a job it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _consume_outcome(task: asyncio.Future[Any]) -> None:
