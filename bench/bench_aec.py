@@ -153,6 +153,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0, help="length of each scene")
     parser.add_argument("--converge", type=float, default=3.0, help="seconds before measuring")
     args = parser.parse_args()
+    if args.seconds <= NEAR_START_S:  # no double talk to measure the near talker on
+        parser.error(f"--seconds must exceed {NEAR_START_S:g} (the near talker's start)")
+    if not 0 <= args.converge < args.seconds:
+        parser.error("--converge must be at least 0 and under --seconds")
     logging.basicConfig(level=logging.WARNING)
     scenes = build_scenes(args.seconds)
     results: dict[str, list[Result]] = {}

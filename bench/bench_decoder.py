@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -29,17 +28,20 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from models.decoder import DEMO_BLOCK_SIZES, AudioDecoder, log_mel_distance, schedule_blocks
+from bench.timing import peak_rss_mb, reset_peak_rss, rss_mb
+from models.decoder import (
+    DEMO_BLOCK_SIZES,
+    AudioDecoder,
+    MelDistance,
+    log_mel_distance,
+    schedule_blocks,
+)
 from models.decoder.streaming import StreamingDecoder
 from models.decoder.tiny import write_tiny_decoder
 
 logger = logging.getLogger("bench_decoder")
 
 SAMPLE_RATE = 22050
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timed_chunks(chunks: Iterator[Tensor], device: torch.device) -> list[tuple[float, int]]:
@@ -67,7 +69,7 @@ def _report(name: str, timings: list[tuple[float, int]], block_tokens: list[int]
     total_s = sum(t for t, _ in timings)
     audio_s = sum(n for _, n in timings) / SAMPLE_RATE
     logger.info(
-        "%-22s RTF %.3f  first chunk %.3f s  blocks %d  audio %.2f s",
+        "%-22s RTF %.3f  first chunk %.3f s  chunks %d  audio %.2f s",
         name,
         total_s / audio_s,
         timings[0][0],
@@ -78,22 +80,29 @@ def _report(name: str, timings: list[tuple[float, int]], block_tokens: list[int]
     for (seconds, _), n in zip(timings, block_tokens, strict=False):
         logger.info("%-22s   after %4d tokens: block of %3d -> %.3f s", "", decoded, n, seconds)
         decoded += n
+    for seconds, _ in timings[len(block_tokens) :]:  # the fast decoder's flush at the end
+        logger.info("%-22s   after %4d tokens: final flush -> %.3f s", "", decoded, seconds)
 
 
 def _measure(
-    name: str, run: Callable[[], list[tuple[float, int]]], blocks: list[int], repeats: int
+    name: str,
+    run: Callable[[], list[tuple[float, int]]],
+    blocks: list[int],
+    repeats: int,
+    device: torch.device,
 ) -> None:
     """Run `repeats` times; per block the fastest time counts (filters scheduler noise)."""
-    rss_before = _peak_rss_mb()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    rss_before = rss_mb() if reset_peak_rss() else peak_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     runs = [run() for _ in range(repeats)]
     timings = [min(per_block) for per_block in zip(*runs, strict=True)]
     _report(name, timings, blocks)
-    if torch.cuda.is_available():
-        logger.info("%-22s peak CUDA memory %.1f MB", "", torch.cuda.max_memory_allocated() / 2**20)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        logger.info("%-22s peak CUDA memory %.1f MB", "", peak)
     else:
-        logger.info("%-22s peak RSS growth %.1f MB", "", _peak_rss_mb() - rss_before)
+        logger.info("%-22s peak RSS growth %.1f MB", "", peak_rss_mb() - rss_before)
 
 
 def main() -> None:
@@ -102,6 +111,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per decoder (best counts)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if args.tokens < 1 or args.repeats < 1:
+        parser.error("--tokens and --repeats must be positive")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
     tokens = torch.randint(0, 16384, (1, args.tokens), generator=torch.Generator().manual_seed(0))
@@ -113,10 +124,10 @@ def main() -> None:
     for name, sizes in (("reference demo", DEMO_BLOCK_SIZES), ("reference 10-token", (10,))):
         blocks = schedule_blocks(args.tokens, sizes)
         run = lambda s=sizes: _timed_chunks(reference.iter_blocks(tokens, s), device)  # noqa: E731
-        _measure(name, run, blocks, args.repeats)
+        _measure(name, run, blocks, args.repeats, device)
     blocks = schedule_blocks(args.tokens, (fast.config.block_tokens,))
     run = lambda: _timed_chunks(_fast_chunks(fast, tokens), device)  # noqa: E731
-    _measure("fast streaming", run, blocks, args.repeats)
+    _measure("fast streaming", run, blocks, args.repeats, device)
     report_quality(reference, fast, tokens)
 
 
@@ -137,11 +148,16 @@ def report_quality(reference: AudioDecoder, fast: StreamingDecoder, tokens: Tens
     logger.info("offline vs other noise   overall %.3f", baseline.overall)
     for name, sizes in (("reference demo", DEMO_BLOCK_SIZES), ("reference 10-token", (10,))):
         chunks = [c.cpu() for c in reference.iter_blocks(tokens, sizes)]
-        d = log_mel_distance(torch.cat(chunks, dim=-1), offline, _joins(chunks))
-        logger.info("%-22s   overall %.3f  at joins %.3f", name, d.overall, d.at_joins)
+        joins = _joins(chunks)
+        _log_distance(name, log_mel_distance(torch.cat(chunks, dim=-1), offline, joins), joins)
     streamed, joins = fast.decode(tokens)
-    d = log_mel_distance(streamed.cpu(), offline, joins)
-    logger.info("%-22s   overall %.3f  at joins %.3f", "fast streaming", d.overall, d.at_joins)
+    _log_distance("fast streaming", log_mel_distance(streamed.cpu(), offline, joins), joins)
+
+
+def _log_distance(name: str, distance: MelDistance, joins: list[int]) -> None:
+    """One distance line; an answer decoded in one block has no joins to measure."""
+    at_joins = f"at joins {distance.at_joins:.3f}" if joins else "no joins (one block)"
+    logger.info("%-22s   overall %.3f  %s", name, distance.overall, at_joins)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def bench_one(model: FlowDecoder, total: int, repeats: int) -> str:
         f"  tokens {total:4d} ({model.mel_frames(total):4d} frames): inference "
         f"{whole_s * 1e3:8.1f} ms (RTF {whole_s / (frames * HOP_SECONDS):.3f}) | encoder "
         f"{encode_s * 1e3:6.1f} ms | CFG step batched {batched_s * 1e3:6.1f} ms, "
-        f"two calls {two_s * 1e3:6.1f} ms"
+        f"two calls {two_s * 1e3:6.1f} ms ({two_s / batched_s:.2f}x)"
     )
 
 
@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--full", action="store_true", help="also the official sizes on CUDA")
     args = parser.parse_args()
+    if min(args.tokens) < 1 or args.repeats < 1:
+        parser.error("--tokens and --repeats must be positive")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,8 +1,8 @@
 """GLM-4-Voice engine: warm-up, first-audio latency per stage, concurrency, decoder cost.
 
 Default: the tiny random-weight model set (`models.make_tiny`) loaded through the real loaders,
-on the CPU (well under two minutes). `--full`: the official architecture sizes with random
-weights on a CUDA GPU (speech tokenizer and decoder written to a temporary folder in the
+on the CPU (two to three minutes on two cores). `--full`: the official architecture sizes with
+random weights on a CUDA GPU (speech tokenizer and decoder written to a temporary folder in the
 official formats, the 9B LM built directly on the GPU in bf16).
 
 Random weights never follow the 13 text : 26 audio layout nor end a turn, so replies run under
@@ -546,6 +546,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.answer_ids < 1 or args.decoder_tokens < 1 or args.turn_s <= 0:
+        p.error("--answer-ids, --decoder-tokens and --turn-s must be positive")
     if args.device is None:
         args.device = "cuda" if args.full else "cpu"
     if args.full and not torch.cuda.is_available():

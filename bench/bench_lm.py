@@ -578,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown decode steps {sorted(unknown)}")
     if args.profile is not None and args.profile not in known_decode_steps():
         parser.error(f"unknown decode step to profile {args.profile!r}")
+    on_cuda_only = ("graphs", "compile")
+    if args.profile and not args.full and split_decode_step(args.profile)[0] in on_cuda_only:
+        parser.error(f"--profile {args.profile} needs a CUDA device (--full)")
+    if (args.prompt is not None and args.prompt < 1) or (args.steps is not None and args.steps < 1):
+        parser.error("--prompt and --steps must be positive")
     batches = [int(b) for b in (args.batches or ("1,4,16" if args.full else "1,4")).split(",")]
     if any(b < 1 for b in batches):
         parser.error("--batches must be positive")
@@ -600,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cpu")
         prompt, steps, size, vocab = args.prompt or 64, args.steps or 32, "tiny", 500
         dtype = torch.float32
-    print(format_table(results), flush=True)
+    if results:
+        print(format_table(results), flush=True)
     if decode_steps or args.prefill_together or args.conversation or args.profile:
         model = build_random_lm(config, device, dtype)
         if decode_steps:

@@ -115,6 +115,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--turns", type=int, default=5, help="turns timed for first audio")
     args = parser.parse_args()
+    if args.turns < 1:
+        parser.error("--turns must be positive")
 
     for voice in ("en-us", "en-us+klatt2"):
         rtf, accuracy = bench_recognizer(voice)

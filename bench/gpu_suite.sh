@@ -55,4 +55,4 @@ part decoder 120 "$py" -m bench.bench_glm4voice --full --sections decoder --repe
 part warm-up 100 "$py" -m bench.bench_glm4voice --full --sections warm-up --repeats 1 \
     --json "$out/warm-up.json"
 part compile 100 "$py" -m bench.bench_lm --full --modes "" --decode-steps compile \
-    --batches 1 --json "$out/compile.json"
+    --batches 1 --no-prefill-together --no-conversation --json "$out/compile.json"
