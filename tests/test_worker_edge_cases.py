@@ -11,8 +11,9 @@ import asyncio
 import threading
 
 import numpy as np
+import pytest
 
-from agent.engine import AudioChunk, UserTurn
+from agent.engine import AudioChunk, EngineError, UserTurn
 from models.glm4voice.worker import AudioBlock, Job, ModelWorker, TurnListener
 from tests.test_glm4voice_engine import (
     SAMPLES_PER_TOKEN,
@@ -183,3 +184,24 @@ def test_a_decoder_call_that_miscounts_ends_only_the_replies_in_it():
     assert isinstance(events["bad"][-2], Exception) and events["bad"][-1] is None
     assert not any(isinstance(e, Exception) for e in events["good"])
     assert _audio_samples(events["good"]) == 26 * SAMPLES_PER_TOKEN
+
+
+class FailingStartBrain(ScriptedBrain):
+    """Builds each prompt, then fails outside any one job's error path."""
+
+    def start_jobs(self, jobs: list[Job]) -> list[BaseException | None]:
+        super().start_jobs(jobs)
+        raise RuntimeError("the decoder stream could not be made")
+
+
+async def test_replies_that_could_not_start_leave_nothing_in_the_history():
+    engine = await _engine(FailingStartBrain(rounds=1))
+    try:
+        reply = engine.respond(UserTurn(text="hello"), [])
+        with pytest.raises(EngineError, match="could not be made"):
+            async for _ in reply:
+                pass
+        assert reply.history(None) == []
+        assert reply.history(0.0) == []
+    finally:
+        await engine.close()

@@ -570,6 +570,7 @@ class ModelWorker:
         now = time.perf_counter()
         for job, error in zip(waiting, errors, strict=True):
             if error is not None:
+                job.prompt = ""  # not answered: the turn leaves nothing in the history
                 self._finish(job, error=error)
                 continue
             metrics.PROMPT_IDS_TOTAL.labels(source="reused").inc(job.reused_ids)
