@@ -63,6 +63,8 @@ from audio_dsp import (
 from audio_dsp.aec import FarEndBuffer
 from audio_dsp.bargein import BargeInConfig, BargeInDetector, EchoPresence
 
+INTERRUPT = ClientMessage("interrupt", {})  # one the full inbox could not take
+
 _ids = itertools.count(1)
 
 
@@ -167,6 +169,8 @@ class Session:
             self._attach_far_end(self._echo)
         # client messages, each with the reply an interrupt silenced on arrival
         self._inbox: asyncio.Queue[tuple[ClientMessage, object | None]] = asyncio.Queue(64)
+        # Replies silenced by interrupts that found the inbox full, to wind up all the same.
+        self._overflow: list[object] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._has_input = False
@@ -313,20 +317,28 @@ class Session:
         try:
             self._inbox.put_nowait((message, silenced))
         except asyncio.QueueFull:
+            if message.type == "interrupt":  # it silenced its answer: that must be wound up
+                if silenced is not None and silenced not in self._overflow:
+                    self._overflow.append(silenced)  # at most one per reply
+                return
             self.log.warning("dropping a %s message: too many pending", message.type)
-            if message.type != "interrupt":  # an interrupt silenced the answer already
-                note = f"too many messages at once: a '{message.type}' message was dropped"
-                self.events.send(encode("error", message=note))
+            note = f"too many messages at once: a '{message.type}' message was dropped"
+            self.events.send(encode("error", message=note))
 
     async def _control_loop(self) -> None:
         while True:
             message, silenced = await self._inbox.get()
-            try:
-                await self._apply(message, silenced)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.log.exception("failed to apply a %s message", message.type)
+            await self._apply_logged(message, silenced)
+            while self._overflow:
+                await self._apply_logged(INTERRUPT, self._overflow.pop(0))
+
+    async def _apply_logged(self, message: ClientMessage, silenced: object | None) -> None:
+        try:
+            await self._apply(message, silenced)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.log.exception("failed to apply a %s message", message.type)
 
     async def _apply(self, message: ClientMessage, silenced: object | None) -> None:
         if message.type == "text":

@@ -17,7 +17,7 @@ import pytest
 import run_agent
 from agent import metrics
 from agent.messages import EventChannel
-from agent.protocol import ProtocolError, decode_client
+from agent.protocol import ClientMessage, ProtocolError, decode_client
 from agent.session import Session, SessionConfig
 from agent.tasks import in_daemon_thread
 from tests.fakes import FakeChannel, FakeEngine, Script, wait_until
@@ -317,3 +317,23 @@ def test_ctrl_c_while_the_model_loads_exits_without_waiting_for_the_load() -> No
     assert proc.returncode == 0, "".join(lines) + rest
     assert "stopped while the offline engine was loading" in rest
     assert elapsed < 30, f"exit took {elapsed:.1f} s: it waited for the 120 s load"
+
+
+async def test_an_interrupt_that_finds_the_inbox_full_still_winds_its_answer_up() -> None:
+    engine = FakeEngine(Script(audio_s=5.0))
+    session = Session(engine, SessionConfig(echo_canceller="none"))
+    channel = FakeChannel()
+    session.attach_channel(channel)
+
+    def states() -> list[str]:
+        return [m["state"] for m in map(json.loads, channel.sent) if m["type"] == "state"]
+
+    channel.emit("message", json.dumps({"type": "text", "text": "tell me a story"}))
+    await wait_until(lambda: states()[-1:] == ["speaking"])
+    async with session.turns._lock:  # the control loop waits while the inbox fills
+        while not session._inbox.full():  # interrupts of an answer over already
+            session._inbox.put_nowait((ClientMessage("interrupt", {}), object()))
+        channel.emit("message", json.dumps({"type": "interrupt"}))
+    await wait_until(lambda: states()[-1:] == ["listening"])
+    assert engine.replies[-1].cancelled
+    await session.close()
