@@ -274,6 +274,9 @@ async def _read_offer(request: web.Request) -> str:
         raise OfferError(415, "send the offer as application/json", "invalid")
     try:
         text = await request.text()
+    except web.HTTPRequestEntityTooLarge as exc:
+        limit = request.app[CONFIG_KEY].max_body_bytes
+        raise OfferError(413, f"request body too large (limit {limit} bytes)", "invalid") from exc
     except LookupError as exc:  # a charset Python does not know
         message = f"unknown charset {(request.charset or '')[:20]!r}: send the offer as UTF-8"
         raise OfferError(415, message, "invalid") from exc

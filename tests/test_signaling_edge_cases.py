@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 import signaling.app
+from agent import metrics
 from signaling import REGISTRY_KEY, AuthConfig, ServerConfig, create_app
 from tests.fakes import FakeEngine, wait_until
 from tests.webrtc_client import offering_peer
@@ -165,3 +166,14 @@ async def test_with_cors_on_every_response_varies_on_origin(tmp_path: Path) -> N
                 assert "Origin" in resp.headers.get("Vary", ""), (path, headers)
         allowed = await client.get("/config", headers={"Origin": "https://site.example"})
         assert allowed.headers["Vary"] == "Origin"
+
+
+async def test_an_oversized_offer_is_counted_as_invalid(tmp_path: Path) -> None:
+    counter = metrics.OFFERS_TOTAL.labels(result="invalid")
+    before = counter._value.get()
+    config = ServerConfig(static_dir=tmp_path, max_body_bytes=1024)
+    async with TestClient(TestServer(create_app(FakeEngine(), config))) as client:
+        resp = await client.post("/offer", json={"sdp": "v=0" + " " * 4096, "type": "offer"})
+        assert resp.status == 413
+        assert "too large" in (await resp.json())["error"]
+    assert counter._value.get() == before + 1
