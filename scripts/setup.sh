@@ -55,7 +55,9 @@ fi
 
 extras="int4"
 [[ $want_tests -eq 1 ]] && extras="int4,test"
-stamp=".venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)-$extras"
+# a digest of what decides the install (macOS has shasum, not sha1sum)
+digest=$(cat pyproject.toml scripts/setup.sh | "$py" -c 'import hashlib, sys; print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:12])')
+stamp=".venv/.installed-$digest-$extras"
 if [[ ! -f "$stamp" ]]; then
   torch_spec="${TORCH_SPEC:-torch==2.13.0}"
   torch_args=()
