@@ -8,7 +8,6 @@ equivalent `GlmConfig` (no remote code).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any
 
 import torch
 from transformers import GlmConfig
+
+from models.jsonfile import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -121,14 +122,7 @@ class ChatGLMConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ChatGLM config not found: {path}")
-        try:
-            with path.open(encoding="utf-8") as f:
-                raw = json.load(f)
-        except ValueError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json_object(path, ConfigError), source=str(path))
 
     def _check_sizes(self, source: str) -> None:
         positive = {

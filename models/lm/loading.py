@@ -36,6 +36,7 @@ from torch import nn
 from transformers import GlmConfig, GlmForCausalLM
 from transformers.models.glm.modeling_glm import GlmRMSNorm, GlmRotaryEmbedding
 
+from models.jsonfile import read_json_object
 from models.lm.configuration_lm import ChatGLMConfig
 
 logger = logging.getLogger(__name__)
@@ -136,12 +137,8 @@ def _weight_map(model_dir: Path) -> dict[str, Path]:
     """Key -> shard file, from the index (or every key of a single `model.safetensors`)."""
     index_path = model_dir / INDEX_FILE
     if index_path.is_file():
-        try:
-            with index_path.open(encoding="utf-8") as f:
-                index = json.load(f)
-        except ValueError as exc:
-            raise CheckpointError(f"{index_path}: not valid JSON ({exc})") from exc
-        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        index = read_json_object(index_path, CheckpointError)
+        if not isinstance(index.get("weight_map"), dict):
             raise CheckpointError(f"{index_path}: no 'weight_map'")
         return {key: model_dir / name for key, name in index["weight_map"].items()}
     single = model_dir / SINGLE_FILE

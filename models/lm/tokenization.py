@@ -19,13 +19,14 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tiktoken
+
+from models.jsonfile import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +99,7 @@ def read_bpe_ranks(path: Path) -> dict[bytes, int]:
 
 def read_added_tokens(path: Path, ranks: dict[bytes, int]) -> dict[str, int]:
     """Added tokens (content -> id) from `tokenizer_config.json`, plus GLM-4's own specials."""
-    try:
-        with Path(path).open(encoding="utf-8") as f:
-            config = json.load(f)
-    except ValueError as exc:
-        raise TokenizerError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
+    config = read_json_object(path, TokenizerError)
     added: dict[str, int] = {}
     for key, entry in config.get("added_tokens_decoder", {}).items():
         content = entry["content"] if isinstance(entry, dict) else str(entry)

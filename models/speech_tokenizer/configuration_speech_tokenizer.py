@@ -8,12 +8,13 @@ values this implementation does not support raise `ConfigError` naming the file 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from models.jsonfile import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +29,7 @@ class ConfigError(ValueError):
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"speech tokenizer file missing: {path}")
-    try:
-        with path.open(encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, ConfigError)
 
 
 def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], source: str) -> Any:
