@@ -3,8 +3,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from models.decoder.streaming import StreamingDecoder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,3 +47,20 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny decoder folder (`config.yaml`, `flow.pt`, `hift.pt`) in the official format
+    (modules testing the flow or the vocoder alone define their own)."""
+    from models.decoder.tiny import write_tiny_decoder
+
+    return write_tiny_decoder(tmp_path_factory.mktemp("tiny_decoder"), hift_channels=8)
+
+
+@pytest.fixture(scope="module")
+def fast_decoder(tiny_folder: Path) -> StreamingDecoder:
+    """The streaming decoder on `tiny_folder`."""
+    from models.decoder.streaming import StreamingDecoder
+
+    return StreamingDecoder.from_pretrained(tiny_folder)

@@ -10,21 +10,10 @@ import torch
 from torch import Tensor
 
 from models.decoder import AudioDecoder, DecoderStream, StreamingDecoder
-from models.decoder.tiny import write_tiny_decoder
 from models.flow import FlowDecoder, mel_frames_for_tokens
 from models.hift import HiFTGenerator
 
 VOCAB = 16384
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_decoder(tmp_path_factory.mktemp("tiny_decoder"), hift_channels=8)
-
-
-@pytest.fixture(scope="module")
-def fast_decoder(tiny_folder: Path) -> StreamingDecoder:
-    return StreamingDecoder.from_pretrained(tiny_folder)
 
 
 def _ids(n: int, seed: int = 0) -> list[int]:

@@ -171,16 +171,6 @@ def test_tiny_decoder_folder_loads_and_decodes_on_cpu(tmp_path: Path) -> None:
 # ----- bounded-cost streaming decoder -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_decoder(tmp_path_factory.mktemp("tiny_decoder"), hift_channels=8)
-
-
-@pytest.fixture(scope="module")
-def fast_decoder(tiny_folder: Path) -> StreamingDecoder:
-    return StreamingDecoder.from_pretrained(tiny_folder)
-
-
 def test_fast_decoder_emits_audio_after_the_first_ten_tokens(
     fast_decoder: StreamingDecoder,
 ) -> None:
