@@ -160,3 +160,37 @@ def test_a_sequence_packed_to_the_left_is_stored_with_its_ids_in_order(stepper):
         batch.release("a")
         results.append(torch.stack(_turn(batch, "a2", history + [3, 4, 5], 2)))
     torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=0)
+
+
+def test_a_prefill_out_of_memory_gives_back_the_kept_prefixes_and_succeeds(stepper, monkeypatch):
+    system = _ids(8, 24)
+    expected = _static(stepper, 0).prefill("new", system + _ids(9, 6))
+    batch = _static(stepper, 4096)
+    _turn(batch, "earlier", system + _ids(10, 5), 3)
+    batch.release("earlier")
+    assert len(batch.prefixes) == 1
+    fused_prefill = batch._fused_prefill
+    calls = []
+
+    def tight_memory(*args, **kwargs):
+        calls.append(len(batch.prefixes))
+        if len(batch.prefixes):  # the kept prefixes fill the memory
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return fused_prefill(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "_fused_prefill", tight_memory)
+    logits = batch.prefill("new", system + _ids(9, 6))
+    assert calls == [1, 0] and len(batch.prefixes) == 0
+    assert batch.last_reused == {"new": 0}
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_a_prefill_out_of_memory_with_nothing_kept_is_raised(stepper, monkeypatch):
+    batch = _static(stepper, 4096)
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(batch, "_fused_prefill", no_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        batch.prefill("new", _ids(11, 20))

@@ -253,7 +253,21 @@ class StaticKVBatch:
         if self.fused is None:
             logits = list(self._transformers_prefill(ids, slots))
         else:
-            logits = self._prefill_with_prefixes(ids, slots, reused)
+            try:
+                logits = self._prefill_with_prefixes(ids, slots, reused)
+            except torch.OutOfMemoryError:
+                if not self.prefixes:  # nothing of ours to give back
+                    raise
+                logger.warning(
+                    "out of memory in a prefill: dropping %d kept prefixes (%d ids), trying again",
+                    len(self.prefixes),
+                    self.prefixes.stored_ids,
+                )
+                self.prefixes.clear()
+                if self._bias.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                reused = [0] * len(prompts)
+                logits = self._prefill_with_prefixes(ids, slots, reused)
         self.last_reused = {key: n for (key, _), n in zip(prompts, reused, strict=True)}
         for (key, prompt_ids), slot in zip(prompts, slots, strict=True):
             length = len(prompt_ids)
