@@ -169,8 +169,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{flag} (or {env_name}) is empty: give it a value or leave it unset")
     if args.token_secret is not None and len(args.token_secret.encode()) < 16:
         p.error("--token-secret (or VOICE_AGENT_TOKEN_SECRET) must be at least 16 bytes")
-    if args.engine == "offline" and glm_only_options(args):
-        p.error(f"{', '.join(glm_only_options(args))}: only for GLM-4-Voice, not --engine offline")
+    refused = glm_only_options(args) if args.engine == "offline" else []
+    if refused:
+        p.error(f"{', '.join(refused)}: only for GLM-4-Voice, not --engine offline")
     return args
 
 
@@ -432,8 +433,9 @@ async def serve(args: argparse.Namespace) -> None:
     tls = ssl_context(args)
     name, reason = choose_engine(args.engine, args.model_dir)
     log.info("engine: %s (%s)", name, reason)
-    if name == "offline" and glm_only_options(args):
-        log.warning("ignoring %s: the offline engine runs", ", ".join(glm_only_options(args)))
+    ignored = glm_only_options(args) if name == "offline" else []
+    if ignored:
+        log.warning("ignoring %s: the offline engine runs", ", ".join(ignored))
     engine = make_engine(name, args.model_dir, GLMChoices.from_args(args))
     try:
         await start_engine(engine)

@@ -9,6 +9,7 @@ import pytest
 
 if TYPE_CHECKING:
     from models.decoder.streaming import StreamingDecoder
+    from models.speech_tokenizer import SpeechTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,3 +65,21 @@ def fast_decoder(tiny_folder: Path) -> StreamingDecoder:
     from models.decoder.streaming import StreamingDecoder
 
     return StreamingDecoder.from_pretrained(tiny_folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny speech tokenizer folder in the official format."""
+    from models.speech_tokenizer.tiny import write_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_speech_tokenizer")
+    write_tiny_tokenizer(path, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_speech(tiny_speech_dir: Path) -> SpeechTokenizer:
+    """The speech tokenizer on `tiny_speech_dir`."""
+    from models.speech_tokenizer import SpeechTokenizer
+
+    return SpeechTokenizer.from_pretrained(tiny_speech_dir)

@@ -27,7 +27,7 @@ from models.lm import (
 from models.lm.tiny import write_tiny_tokenizer as write_tiny_lm_tokenizer
 from models.speech_tokenizer import CheckpointError as SpeechCheckpointError
 from models.speech_tokenizer import ConfigError as SpeechConfigError
-from models.speech_tokenizer import SpeechTokenizer, write_tiny_tokenizer
+from models.speech_tokenizer import SpeechTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,18 +39,6 @@ def voiced(seconds: float, seed: int = 0) -> np.ndarray:
     t = np.arange(int(seconds * SR)) / SR
     audio = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))
     return (audio + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def speech_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("speech_tokenizer")
-    write_tiny_tokenizer(path, seed=3)
-    return path
-
-
-@pytest.fixture(scope="module")
-def speech(speech_dir: Path) -> SpeechTokenizer:
-    return SpeechTokenizer.from_pretrained(speech_dir)
 
 
 @pytest.fixture(scope="module")
@@ -69,45 +57,47 @@ def _copy(src: Path, dst: Path) -> Path:
 # ----------------------------------------------------------------------------- audio input
 
 
-def test_int16_pcm_is_tokenized_like_the_same_float_audio(speech: SpeechTokenizer) -> None:
+def test_int16_pcm_is_tokenized_like_the_same_float_audio(tiny_speech: SpeechTokenizer) -> None:
     audio = voiced(2.0)
     pcm = np.round(audio * 32768).clip(-32768, 32767).astype(np.int16)
-    expected = speech.tokenize(pcm.astype(np.float32) / 32768)
-    assert speech.tokenize(pcm) == expected
-    assert speech.extract([(np.stack([pcm, pcm]), SR)]) == [expected]
-    streamer = speech.streaming()
+    expected = tiny_speech.tokenize(pcm.astype(np.float32) / 32768)
+    assert tiny_speech.tokenize(pcm) == expected
+    assert tiny_speech.extract([(np.stack([pcm, pcm]), SR)]) == [expected]
+    streamer = tiny_speech.streaming()
     streamer.push(pcm)
     assert streamer.finish() == expected
 
 
 def test_samples_by_channels_stereo_is_rejected_not_cut_to_two_samples(
-    speech: SpeechTokenizer,
+    tiny_speech: SpeechTokenizer,
 ) -> None:
     audio = voiced(1.0)
     stereo = np.stack([audio, audio], axis=1)  # (samples, 2), as soundfile returns it
     with pytest.raises(ValueError, match=r"\(samples, channels\).*audio\.T"):
-        speech.extract([(stereo, SR)])
-    assert speech.extract([(stereo.T, SR)]) == [speech.tokenize(audio)]
+        tiny_speech.extract([(stereo, SR)])
+    assert tiny_speech.extract([(stereo.T, SR)]) == [tiny_speech.tokenize(audio)]
 
 
-def test_empty_stereo_audio_has_no_tokens(speech: SpeechTokenizer) -> None:
-    assert speech.extract([(np.zeros((2, 0), np.float32), SR)]) == [[]]
-    assert speech.extract([(np.zeros((0, 2), np.float32), SR)]) == [[]]
+def test_empty_stereo_audio_has_no_tokens(tiny_speech: SpeechTokenizer) -> None:
+    assert tiny_speech.extract([(np.zeros((2, 0), np.float32), SR)]) == [[]]
+    assert tiny_speech.extract([(np.zeros((0, 2), np.float32), SR)]) == [[]]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_audio_is_rejected_instead_of_giving_code_zero(
-    speech: SpeechTokenizer, bad: float
+    tiny_speech: SpeechTokenizer, bad: float
 ) -> None:
     audio = voiced(1.0)
     audio[100] = bad
     with pytest.raises(ValueError, match="NaN or infinite"):
-        speech.tokenize(audio)
+        tiny_speech.tokenize(audio)
 
 
-def test_streaming_push_of_nan_raises_and_keeps_what_was_heard(speech: SpeechTokenizer) -> None:
+def test_streaming_push_of_nan_raises_and_keeps_what_was_heard(
+    tiny_speech: SpeechTokenizer,
+) -> None:
     audio = voiced(5.0, seed=1)
-    streamer = speech.streaming()
+    streamer = tiny_speech.streaming()
     streamer.push(audio[: 3 * SR])
     poisoned = audio[3 * SR : 4 * SR].copy()
     poisoned[10] = np.nan
@@ -115,29 +105,33 @@ def test_streaming_push_of_nan_raises_and_keeps_what_was_heard(speech: SpeechTok
         streamer.push(poisoned)
     assert streamer.num_samples == 3 * SR
     streamer.push(audio[3 * SR :])
-    assert streamer.finish() == speech.tokenize(audio)
+    assert streamer.finish() == tiny_speech.tokenize(audio)
 
 
-def test_a_whole_number_float_sample_rate_is_accepted(speech: SpeechTokenizer) -> None:
+def test_a_whole_number_float_sample_rate_is_accepted(tiny_speech: SpeechTokenizer) -> None:
     audio = np.repeat(voiced(1.0), 3)  # 48 kHz
-    assert speech.extract([(audio, 48000.0)]) == speech.extract([(audio, 48000)])
+    assert tiny_speech.extract([(audio, 48000.0)]) == tiny_speech.extract([(audio, 48000)])
     with pytest.raises(ValueError, match="whole number"):
-        speech.extract([(audio, 47999.5)])
+        tiny_speech.extract([(audio, 47999.5)])
 
 
 # ----------------------------------------------------------------------------- damaged files
 
 
-def test_corrupt_speech_tokenizer_config_names_the_file(speech_dir: Path, tmp_path: Path) -> None:
-    folder = _copy(speech_dir, tmp_path / "tok")
+def test_corrupt_speech_tokenizer_config_names_the_file(
+    tiny_speech_dir: Path, tmp_path: Path
+) -> None:
+    folder = _copy(tiny_speech_dir, tmp_path / "tok")
     config = folder / "config.json"
     config.write_text(config.read_text()[:40])
     with pytest.raises(SpeechConfigError, match=r"config\.json.*not valid JSON"):
         SpeechTokenizer.from_pretrained(folder)
 
 
-def test_truncated_speech_tokenizer_weights_name_the_file(speech_dir: Path, tmp_path: Path) -> None:
-    folder = _copy(speech_dir, tmp_path / "tok")
+def test_truncated_speech_tokenizer_weights_name_the_file(
+    tiny_speech_dir: Path, tmp_path: Path
+) -> None:
+    folder = _copy(tiny_speech_dir, tmp_path / "tok")
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
     with pytest.raises(SpeechCheckpointError, match=r"model\.safetensors"):

@@ -20,7 +20,6 @@ from models.speech_tokenizer import (
     SpeechTokenizerConfig,
     WhisperVQEncoder,
     resample,
-    write_tiny_tokenizer,
 )
 from models.speech_tokenizer.parity import check
 from models.speech_tokenizer.tiny import tiny_config_dict
@@ -62,18 +61,6 @@ def stream(
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_speech_tokenizer")
-    write_tiny_tokenizer(path, seed=3)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir: Path) -> SpeechTokenizer:
-    return SpeechTokenizer.from_pretrained(tiny_dir)
-
-
 def _corrupt(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> Path:
     """Copies a tokenizer folder into `dst` with its state dict changed by `edit(state)`."""
     dst.mkdir()
@@ -98,53 +85,53 @@ def test_parity_with_reference_fixtures(golden_dir: Path) -> None:
 # --- loading ----------------------------------------------------------------------------------
 
 
-def test_missing_weight_key_is_named(tiny_dir: Path, tmp_path: Path) -> None:
-    folder = _corrupt(tiny_dir, tmp_path / "m", lambda s: s.pop("layers.1.fc1.bias"))
+def test_missing_weight_key_is_named(tiny_speech_dir: Path, tmp_path: Path) -> None:
+    folder = _corrupt(tiny_speech_dir, tmp_path / "m", lambda s: s.pop("layers.1.fc1.bias"))
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*missing.*layers\.1\.fc1\.bias"):
         SpeechTokenizer.from_pretrained(folder)
 
 
-def test_unexpected_weight_key_is_named(tiny_dir: Path, tmp_path: Path) -> None:
+def test_unexpected_weight_key_is_named(tiny_speech_dir: Path, tmp_path: Path) -> None:
     def add_k_bias(state: dict[str, torch.Tensor]) -> None:
         state["layers.0.self_attn.k_proj.bias"] = torch.zeros(64)
 
-    folder = _corrupt(tiny_dir, tmp_path / "u", add_k_bias)
+    folder = _corrupt(tiny_speech_dir, tmp_path / "u", add_k_bias)
     with pytest.raises(CheckpointError, match=r"unexpected.*layers\.0\.self_attn\.k_proj\.bias"):
         SpeechTokenizer.from_pretrained(folder)
 
 
-def test_wrong_weight_shape_is_named(tiny_dir: Path, tmp_path: Path) -> None:
+def test_wrong_weight_shape_is_named(tiny_speech_dir: Path, tmp_path: Path) -> None:
     def shrink(state: dict[str, torch.Tensor]) -> None:
         state["embed_positions2.weight"] = state["embed_positions2.weight"][:100].clone()
 
-    folder = _corrupt(tiny_dir, tmp_path / "s", shrink)
+    folder = _corrupt(tiny_speech_dir, tmp_path / "s", shrink)
     with pytest.raises(CheckpointError, match=r"embed_positions2\.weight has shape \[100, 64\]"):
         SpeechTokenizer.from_pretrained(folder)
 
 
-def test_missing_file_is_named(tiny_dir: Path, tmp_path: Path) -> None:
+def test_missing_file_is_named(tiny_speech_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "nofile"
     folder.mkdir()
-    (folder / "config.json").write_text((tiny_dir / "config.json").read_text())
+    (folder / "config.json").write_text((tiny_speech_dir / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
         SpeechTokenizer.from_pretrained(folder)
 
 
-def test_unsupported_pooling_type_is_rejected(tiny_dir: Path, tmp_path: Path) -> None:
+def test_unsupported_pooling_type_is_rejected(tiny_speech_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "maxpool"
     folder.mkdir()
-    config = json.loads((tiny_dir / "config.json").read_text())
+    config = json.loads((tiny_speech_dir / "config.json").read_text())
     config["pooling_type"] = "max"
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="pooling_type 'max' is not supported"):
         SpeechTokenizer.from_pretrained(folder)
 
 
-def test_tiny_folder_has_official_layout(tiny_dir: Path, golden_dir: Path) -> None:
+def test_tiny_folder_has_official_layout(tiny_speech_dir: Path, golden_dir: Path) -> None:
     official = json.loads((golden_dir / "speech_tokenizer" / "config.json").read_text())
-    ours = json.loads((tiny_dir / "config.json").read_text())
+    ours = json.loads((tiny_speech_dir / "config.json").read_text())
     assert set(ours) == set(official)
-    keys = set(load_file(str(tiny_dir / "model.safetensors")))
+    keys = set(load_file(str(tiny_speech_dir / "model.safetensors")))
     listed = (golden_dir / "speech_tokenizer" / "state_dict_keys_reduced.txt").read_text()
     official_keys = {line.split("\t")[0] for line in listed.splitlines() if line.strip()}
     assert keys == official_keys  # both have two layers before quantisation
@@ -154,35 +141,35 @@ def test_tiny_folder_has_official_layout(tiny_dir: Path, golden_dir: Path) -> No
 
 
 @pytest.mark.parametrize("samples", [1, 1279, 1280, 1281, 40_000])
-def test_tokens_come_at_12_5_per_second(tiny: SpeechTokenizer, samples: int) -> None:
-    tokens = tiny.tokenize(speech_like(samples / SR, seed=1))
+def test_tokens_come_at_12_5_per_second(tiny_speech: SpeechTokenizer, samples: int) -> None:
+    tokens = tiny_speech.tokenize(speech_like(samples / SR, seed=1))
     assert len(tokens) == math.ceil(samples / 1280)
     assert all(0 <= t < 16384 for t in tokens)
 
 
-def test_tokens_depend_on_the_audio(tiny: SpeechTokenizer) -> None:
-    a = tiny.tokenize(speech_like(2.0, seed=1))
-    b = tiny.tokenize(speech_like(2.0, seed=2))
+def test_tokens_depend_on_the_audio(tiny_speech: SpeechTokenizer) -> None:
+    a = tiny_speech.tokenize(speech_like(2.0, seed=1))
+    b = tiny_speech.tokenize(speech_like(2.0, seed=2))
     assert len(set(a)) > 3
     assert a != b
 
 
-def test_empty_audio_has_no_tokens(tiny: SpeechTokenizer) -> None:
-    assert tiny.tokenize(np.zeros(0, dtype=np.float32)) == []
-    assert tiny.streaming().finish() == []
+def test_empty_audio_has_no_tokens(tiny_speech: SpeechTokenizer) -> None:
+    assert tiny_speech.tokenize(np.zeros(0, dtype=np.float32)) == []
+    assert tiny_speech.streaming().finish() == []
 
 
-def test_batched_extract_equals_one_by_one(tiny: SpeechTokenizer) -> None:
+def test_batched_extract_equals_one_by_one(tiny_speech: SpeechTokenizer) -> None:
     utts = [speech_like(1.3, seed=4), speech_like(3.1, seed=5)]
-    batched = tiny.extract([(u, SR) for u in utts])
-    assert batched == [tiny.tokenize(u) for u in utts]
+    batched = tiny_speech.extract([(u, SR) for u in utts])
+    assert batched == [tiny_speech.tokenize(u) for u in utts]
 
 
-def test_48khz_input_is_resampled_to_16khz(tiny: SpeechTokenizer) -> None:
+def test_48khz_input_is_resampled_to_16khz(tiny_speech: SpeechTokenizer) -> None:
     audio_48k = resample(speech_like(2.0, seed=6), SR, 48_000)
-    tokens = tiny.extract([(audio_48k, 48_000)])[0]
+    tokens = tiny_speech.extract([(audio_48k, 48_000)])[0]
     assert len(tokens) == math.ceil(2.0 * SR / 1280)
-    assert tokens == tiny.tokenize(resample(audio_48k, 48_000, SR))
+    assert tokens == tiny_speech.tokenize(resample(audio_48k, 48_000, SR))
 
 
 def test_resampler_keeps_an_in_band_tone() -> None:
@@ -201,24 +188,24 @@ def test_resampler_removes_content_above_8khz() -> None:
     assert np.sqrt(np.mean(out[200:-200] ** 2)) < 1e-2  # > 37 dB below the input tone
 
 
-def test_only_the_first_channel_is_used(tiny: SpeechTokenizer) -> None:
+def test_only_the_first_channel_is_used(tiny_speech: SpeechTokenizer) -> None:
     left, right = speech_like(1.5, seed=7), speech_like(1.5, seed=8)
     stereo = np.stack([left, right])
-    assert tiny.extract([(stereo, SR)])[0] == tiny.tokenize(left)
+    assert tiny_speech.extract([(stereo, SR)])[0] == tiny_speech.tokenize(left)
 
 
 # --- block-wise encoder -----------------------------------------------------------------------
 
 
-def test_block_wise_encoding_matches_full_forward(tiny: SpeechTokenizer) -> None:
+def test_block_wise_encoding_matches_full_forward(tiny_speech: SpeechTokenizer) -> None:
     """Encoding 200-frame blocks against a key/value cache equals the masked full forward."""
-    batch = tiny.features.batch([speech_like(10.0, seed=9)], 1280)
-    full = tiny.model(batch.input_features, batch.attention_mask)
+    batch = tiny_speech.features.batch([speech_like(10.0, seed=9)], 1280)
+    full = tiny_speech.model(batch.input_features, batch.attention_mask)
     cache = EncoderCache()
     pooled, ids = [], []
     with torch.inference_mode():
         for start in range(0, 500, 200):
-            p, i = tiny.model.forward_block(
+            p, i = tiny_speech.model.forward_block(
                 batch.input_features, start, min(start + 200, 500), cache
             )
             pooled.append(p)
@@ -227,11 +214,11 @@ def test_block_wise_encoding_matches_full_forward(tiny: SpeechTokenizer) -> None
     assert torch.equal(torch.cat(ids, 1), full.quantized_token_ids)
 
 
-def test_encoder_is_block_causal(tiny: SpeechTokenizer) -> None:
+def test_encoder_is_block_causal(tiny_speech: SpeechTokenizer) -> None:
     """Tokens of a completed block do not change when later frames are appended."""
-    features = tiny.features.batch([speech_like(8.0, seed=10)], 1280).input_features
-    prefix = tiny.model(features[..., :400]).quantized_token_ids  # first block: 200 frames
-    full = tiny.model(features).quantized_token_ids
+    features = tiny_speech.features.batch([speech_like(8.0, seed=10)], 1280).input_features
+    prefix = tiny_speech.model(features[..., :400]).quantized_token_ids  # first block: 200 frames
+    full = tiny_speech.model(features).quantized_token_ids
     assert torch.equal(prefix, full[:, :50])
 
 
@@ -242,54 +229,62 @@ def test_encoder_is_block_causal(tiny: SpeechTokenizer) -> None:
     ("seconds", "chunk"),
     [(3.0, 320), (9.3, 160), (9.3, 7_777), (30.0 + 1270 / SR, 4_000), (33.7, 16_000)],
 )
-def test_streaming_equals_one_shot(tiny: SpeechTokenizer, seconds: float, chunk: int) -> None:
+def test_streaming_equals_one_shot(
+    tiny_speech: SpeechTokenizer, seconds: float, chunk: int
+) -> None:
     audio = speech_like(seconds, seed=11)
-    pushed, final = stream(tiny, audio, chunk)
-    assert final == tiny.tokenize(audio)
+    pushed, final = stream(tiny_speech, audio, chunk)
+    assert final == tiny_speech.tokenize(audio)
     assert pushed == final[: len(pushed)]
 
 
-def test_push_emits_each_block_when_its_audio_is_complete(tiny: SpeechTokenizer) -> None:
+def test_push_emits_each_block_when_its_audio_is_complete(tiny_speech: SpeechTokenizer) -> None:
     audio = speech_like(9.0, seed=12)
-    streamer = tiny.streaming()
+    streamer = tiny_speech.streaming()
     # Block 0 reads mel frames 0..398; frame 398 is complete at 398 * 160 + 200 samples.
     assert streamer.push(audio[: 398 * 160 + 199]) == []
     first = streamer.push(audio[398 * 160 + 199 : 398 * 160 + 200])
     assert len(first) == 50
 
 
-def test_finish_encodes_only_the_last_block_when_the_floor_is_known(tiny: SpeechTokenizer) -> None:
+def test_finish_encodes_only_the_last_block_when_the_floor_is_known(
+    tiny_speech: SpeechTokenizer,
+) -> None:
     audio = speech_like(9.5, seed=13, loud=(0.2, 0.7))
-    streamer = tiny.streaming()
+    streamer = tiny_speech.streaming()
     for start in range(0, len(audio), 320):
         streamer.push(audio[start : start + 320])
     tokens = streamer.finish()
-    assert tokens == tiny.tokenize(audio)
+    assert tokens == tiny_speech.tokenize(audio)
     assert streamer.stats.last_finish_blocks == 1
     assert streamer.stats.blocks_reencoded == 0
 
 
-def test_streaming_stays_exact_when_the_loudest_audio_comes_last(tiny: SpeechTokenizer) -> None:
+def test_streaming_stays_exact_when_the_loudest_audio_comes_last(
+    tiny_speech: SpeechTokenizer,
+) -> None:
     """A louder ending raises the log-mel floor of earlier blocks; finish re-encodes them."""
     audio = speech_like(9.5, seed=14, loud=(8.5, 9.5))
-    streamer = tiny.streaming()
+    streamer = tiny_speech.streaming()
     for start in range(0, len(audio), 320):
         streamer.push(audio[start : start + 320])
-    assert streamer.finish() == tiny.tokenize(audio)
+    assert streamer.finish() == tiny_speech.tokenize(audio)
     assert streamer.stats.blocks_reencoded >= 2
 
 
-def test_pushed_tokens_are_final_when_later_audio_is_quieter(tiny: SpeechTokenizer) -> None:
+def test_pushed_tokens_are_final_when_later_audio_is_quieter(tiny_speech: SpeechTokenizer) -> None:
     loud = speech_like(4.5, seed=15, loud=(0.0, 4.5))
     quiet = speech_like(5.0, seed=16)
-    streamer = tiny.streaming()
+    streamer = tiny_speech.streaming()
     first = streamer.push(loud)
     assert len(first) == 50
     streamer.push(quiet)
     assert streamer.finish()[:50] == first
 
 
-def test_short_last_segment_is_padded_like_in_the_reference_batch(tiny: SpeechTokenizer) -> None:
+def test_short_last_segment_is_padded_like_in_the_reference_batch(
+    tiny_speech: SpeechTokenizer,
+) -> None:
     """After 30 s the last segment shares a batch with full ones, so it is zero-padded to 30 s.
 
     A click in its last samples is reflected into its last frame when the segment is padded only
@@ -297,7 +292,7 @@ def test_short_last_segment_is_padded_like_in_the_reference_batch(tiny: SpeechTo
     """
     audio = speech_like(30.0 + 2550 / SR, seed=11)
     audio[-40:] = np.random.default_rng(0).uniform(-0.9, 0.9, 40)
-    assert stream(tiny, audio, 4_000)[1] == tiny.tokenize(audio)
+    assert stream(tiny_speech, audio, 4_000)[1] == tiny_speech.tokenize(audio)
 
 
 def test_official_size_state_dict_matches_the_released_key_list(golden_dir: Path) -> None:

@@ -312,8 +312,6 @@ class GLM4VoiceBrain:
             self._prefill_group(group, failed)
         for index, job in enumerate(jobs):
             errors[index] = errors[index] or failed.get(id(job))
-            if errors[index] is not None:
-                job.prompt = ""  # not answered: like a turn too long, it leaves no history
         return errors
 
     def _fitted_prompt(self, job: Job, user_input: str, mode: InputMode) -> list[int]:

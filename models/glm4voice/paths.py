@@ -93,8 +93,8 @@ def _repo_folder(root: Path, name: str) -> Path:
         for owner in HUB_OWNERS:
             repo = cache / f"models--{owner}--{name}"
             ref = repo / "refs" / "main"
-            if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
-                return repo / "snapshots" / ref.read_text().strip()
+            if ref.is_file() and (named := repo / "snapshots" / ref.read_text().strip()).is_dir():
+                return named
             snapshots = sorted(p for p in (repo / "snapshots").glob("*") if p.is_dir())
             if len(snapshots) == 1:
                 return snapshots[0]
