@@ -38,6 +38,9 @@ RSS_GROWTH_LIMIT_MB = 48
 LATE_RSS_GROWTH_LIMIT_MB = 16
 FD_GROWTH_LIMIT = 6
 THREAD_GROWTH_LIMIT = 2
+# The loop's default executor starts its threads ("asyncio_N") as work needs them, up to this
+# bound, and keeps them: a pool filling up under load, counted apart from other threads.
+EXECUTOR_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 
 EARLY_USED = metrics.EARLY_REPLIES_TOTAL.labels(outcome="used")._value
@@ -46,7 +49,8 @@ EARLY_USED = metrics.EARLY_REPLIES_TOTAL.labels(outcome="used")._value
 @dataclass(frozen=True)
 class Usage:
     tasks: int
-    threads: int
+    threads: int  # besides the default executor's
+    executor_threads: int
     fds: int
     rss_mb: float
 
@@ -57,7 +61,8 @@ def usage() -> Usage:
         rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     return Usage(
         tasks=len(asyncio.all_tasks()),
-        threads=threading.active_count(),
+        threads=sum(not t.name.startswith("asyncio_") for t in threading.enumerate()),
+        executor_threads=sum(t.name.startswith("asyncio_") for t in threading.enumerate()),
         fds=len(os.listdir("/proc/self/fd")),
         rss_mb=rss_kb / 1024,
     )
@@ -148,6 +153,7 @@ async def test_connect_talk_vanish_cycles_leak_no_tasks_threads_fds_or_memory(
     assert EARLY_USED.get() == early_used  # no spoken turn ever ended: none was used
     assert after.tasks <= before.tasks
     assert after.threads <= before.threads + THREAD_GROWTH_LIMIT
+    assert after.executor_threads <= EXECUTOR_THREADS
     assert after.fds <= before.fds + FD_GROWTH_LIMIT
     assert after.rss_mb <= before.rss_mb + RSS_GROWTH_LIMIT_MB
     # the allocator settles in the first rounds; a per-call leak keeps growing in the second half
